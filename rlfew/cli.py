@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
-            if err.name != module_name:  # a real import error inside an existing module
+            if not module_name.startswith(err.name or "?"):  # a real import error inside an existing module
                 raise
             continue
         module.register_cli(subparsers)
