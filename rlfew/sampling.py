@@ -1,0 +1,256 @@
+"""Few-step samplers over any family adapter, and the Trajectory every rollout returns.
+
+Each step maps (x at σ, prediction) to x' at σ' as a Gaussian policy N(μ, Σ²·I). log π is the *mean* over
+dimensions of the elementwise Gaussian log-density, as in every flow-GRPO codebase (ALGORITHMS.md §5.1), so
+their clip ranges carry over. Deterministic steps have Σ = 0 and refuse to give a log π.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+from rlfew.errors import UsageError
+from rlfew.models.base import Conditioning, Prediction
+
+
+@dataclass
+class StepOutput:
+    x_next: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor  # scalar: one Σ for the whole batch at this step
+    log_prob: torch.Tensor | None  # (B,), None for deterministic steps
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
+    """Per-sample log N(x; mean, std²) averaged over all non-batch dimensions."""
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    if bool((std <= 0).any()):
+        raise ValueError("log-probability is undefined for a deterministic step (std = 0)")
+    log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.flatten(1).mean(1)
+
+
+class Sampler(abc.ABC):
+    """A transition kernel: `mean_std` gives N(μ, Σ²) of x' given the prediction at (x, σ)."""
+
+    name = ""
+
+    @abc.abstractmethod
+    def mean_std(self, prediction: Prediction, x: torch.Tensor, sigma: float,
+                 sigma_next: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (scalar) std of the Gaussian transition to σ_next."""
+
+    def for_grid(self, sigmas: torch.Tensor) -> "Sampler":
+        """The kernel configured for a σ grid (Flow-GRPO's SDE needs the grid's second value)."""
+        return self
+
+    def step(self, prediction: Prediction, x: torch.Tensor, sigma: float, sigma_next: float,
+             noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> StepOutput:
+        mean, std = self.mean_std(prediction, x, sigma, sigma_next)
+        if float(std) == 0.0:
+            return StepOutput(x_next=mean, mean=mean, std=std, log_prob=None)
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_next = mean + std * noise
+        return StepOutput(x_next=x_next, mean=mean, std=std, log_prob=gaussian_log_prob(x_next, mean, std))
+
+
+class Deterministic(Sampler):
+    """Euler on the probability-flow ODE; for VP models this is exactly DDIM (and diffusers' Euler)."""
+
+    name = "deterministic"
+
+    def mean_std(self, prediction, x, sigma, sigma_next):
+        return x + (sigma_next - sigma) * prediction.velocity, torch.tensor(0.0, dtype=x.dtype)
+
+
+class CPS(Sampler):
+    """Coefficients-preserving sampling: x' = (1−σ')x̂0 + σ'cos(ηπ/2)ε̂ + σ'sin(ηπ/2)ξ.
+
+    η = 0 is the deterministic sampler; η = 1 re-noises x̂0 with fresh noise (DMD2's multi-step sampler).
+    """
+
+    name = "cps"
+
+    def __init__(self, eta: float = 0.9):
+        if not 0.0 <= eta <= 1.0:
+            raise UsageError(f"cps eta must be in [0, 1], got {eta}")
+        self.eta = eta
+
+    def mean_std(self, prediction, x, sigma, sigma_next):
+        angle = self.eta * math.pi / 2
+        mean = (1 - sigma_next) * prediction.x0 + sigma_next * math.cos(angle) * prediction.eps
+        std = sigma_next * math.sin(angle)
+        return mean, torch.tensor(std if std > 1e-12 else 0.0, dtype=x.dtype)
+
+
+class FlowGRPOSDE(Sampler):
+    """Flow-GRPO's ODE→SDE kernel with the marginals of the ODE: s_σ = a·√(σ/(1−σ)),
+    μ = x + [v̂ + s_σ²/(2σ)·(x + (1−σ)v̂)]·Δ, Σ = s_σ·√(−Δ); σ = 1 inside the root is replaced by the grid's
+    second value, as the reference code does."""
+
+    name = "flow_grpo"
+
+    def __init__(self, noise_level: float = 0.7, sigma_cap: float | None = None):
+        if noise_level < 0:
+            raise UsageError(f"flow_grpo noise_level must be >= 0, got {noise_level}")
+        self.noise_level = noise_level
+        self.sigma_cap = sigma_cap
+
+    def for_grid(self, sigmas):
+        return FlowGRPOSDE(self.noise_level, float(sigmas[1]) if len(sigmas) > 2 else float(sigmas[0]))
+
+    def mean_std(self, prediction, x, sigma, sigma_next):
+        delta = sigma_next - sigma
+        denominator_sigma = self.sigma_cap if (sigma >= 1.0 and self.sigma_cap is not None) else sigma
+        diffusion = self.noise_level * math.sqrt(sigma / max(1 - denominator_sigma, 1e-12))
+        v = prediction.velocity
+        mean = x + (v + diffusion**2 / (2 * sigma) * (x + (1 - sigma) * v)) * delta
+        return mean, torch.tensor(diffusion * math.sqrt(-delta), dtype=x.dtype)
+
+
+class DanceGRPOSDE(Sampler):
+    """DanceGRPO's kernel with constant diffusion η: μ = x + Δ(v̂ − ½η²ŝ), ŝ = −(x − (1−σ)x̂0)/σ²,
+    Σ = η·√(σ − σ')."""
+
+    name = "dance_grpo"
+
+    def __init__(self, eta: float = 0.3):
+        if eta < 0:
+            raise UsageError(f"dance_grpo eta must be >= 0, got {eta}")
+        self.eta = eta
+
+    def mean_std(self, prediction, x, sigma, sigma_next):
+        delta = sigma_next - sigma
+        score = -(x - (1 - sigma) * prediction.x0) / sigma**2
+        mean = x + delta * (prediction.velocity - 0.5 * self.eta**2 * score)
+        return mean, torch.tensor(self.eta * math.sqrt(-delta), dtype=x.dtype)
+
+
+SAMPLERS = {cls.name: cls for cls in (Deterministic, CPS, FlowGRPOSDE, DanceGRPOSDE)}
+
+
+def make_sampler(name: str, eta: float | None = None, noise_level: float | None = None) -> Sampler:
+    """Build a sampler by name; `eta` feeds cps / dance_grpo, `noise_level` feeds flow_grpo."""
+    if name not in SAMPLERS:
+        raise UsageError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
+    if name == "cps":
+        return CPS(0.9 if eta is None else eta)
+    if name == "dance_grpo":
+        return DanceGRPOSDE(0.3 if eta is None else eta)
+    if name == "flow_grpo":
+        return FlowGRPOSDE(0.7 if noise_level is None else noise_level)
+    return Deterministic()
+
+
+@dataclass
+class Trajectory:
+    """One batch of rollouts. Per-step tensors are indexed (batch, step).
+
+    `log_probs[:, k]` is NaN where step k was deterministic (`stochastic[k]` False): using it is a bug, and NaN
+    makes that loud. Group ids are explicit (never regroup by prompt text).
+    """
+
+    prompts: list[str]
+    group_ids: torch.Tensor  # (B,) long
+    sigmas: torch.Tensor  # (K+1,)
+    states: torch.Tensor  # (B, K+1, C, h, w): x at each σ, states[:, -1] the final latents
+    x0_preds: torch.Tensor  # (B, K, C, h, w): the generator's x̂0 at each step
+    means: torch.Tensor  # (B, K, C, h, w)
+    stds: torch.Tensor  # (K,)
+    log_probs: torch.Tensor  # (B, K)
+    stochastic: torch.Tensor  # (K,) bool
+    images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
+    rewards: torch.Tensor | None = None  # (B,)
+    advantages: torch.Tensor | None = None  # (B,)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. per-reward scores, (B,) each
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        return self.states[:, -1]
+
+    def _per_sample(self):
+        return ("group_ids", "states", "x0_preds", "means", "log_probs", "images", "rewards", "advantages")
+
+    def select(self, index: torch.Tensor | list[int]) -> "Trajectory":
+        index = torch.as_tensor(index, dtype=torch.long)
+        updates = {name: getattr(self, name)[index] for name in self._per_sample() if getattr(self, name) is not None}
+        updates["extras"] = {k: v[index] for k, v in self.extras.items()}
+        return replace(self, prompts=[self.prompts[i] for i in index.tolist()], **updates)
+
+    def to(self, device) -> "Trajectory":
+        updates = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        updates["extras"] = {k: v.to(device) for k, v in self.extras.items()}
+        return replace(self, **updates)
+
+    @staticmethod
+    def cat(items: list["Trajectory"]) -> "Trajectory":
+        first = items[0]
+        if any(not torch.equal(t.sigmas, first.sigmas) for t in items):
+            raise ValueError("cannot concatenate trajectories with different σ grids")
+        updates = {}
+        for name in first._per_sample():
+            values = [getattr(t, name) for t in items]
+            updates[name] = None if any(v is None for v in values) else torch.cat(values)
+        updates["extras"] = {k: torch.cat([t.extras[k] for t in items]) for k in first.extras}
+        return replace(first, prompts=[p for t in items for p in t.prompts], **updates)
+
+
+def sample(model, cond: Conditioning, sigmas: torch.Tensor, sampler: Sampler, *, prompts: list[str],
+           noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           latent_shape: tuple[int, int, int] | None = None, guidance: float = 1.0,
+           uncond: Conditioning | None = None, stochastic_steps: list[int] | None = None,
+           group_ids: torch.Tensor | None = None, decode: bool = True) -> Trajectory:
+    """Roll out `model` (a Role or anything with `predict(x, σ, cond, guidance, uncond)` and `adapter`) over
+    the σ grid. Runs under the caller's grad mode: wrap in `torch.no_grad()` for rollouts.
+
+    stochastic_steps: indices of steps that use `sampler`; the others are deterministic (MixGRPO windows,
+    TDM-R1 / RTDMD step selection). Default: every step. Noise is drawn from `generator` in a fixed order
+    (initial noise first, then one draw per stochastic step), so equal seeds give equal rollouts.
+    """
+    batch = len(prompts)
+    adapter = model.adapter
+    if noise is None:
+        shape = latent_shape or adapter.latent_shape(adapter.default_resolution)
+        noise = torch.randn((batch, *shape), generator=generator, device=adapter.device)
+    sigmas = sigmas.double().cpu()
+    steps = len(sigmas) - 1
+    kernel = sampler.for_grid(sigmas)
+    deterministic = Deterministic()
+    chosen = set(range(steps)) if stochastic_steps is None else set(stochastic_steps)
+    x = adapter.prior_sample(noise.float())
+    states, x0_preds, means, stds, log_probs, stochastic = [x], [], [], [], [], []
+    for k in range(steps):
+        sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])
+        prediction = model.predict(x, sigma, cond, guidance=guidance, uncond=uncond)
+        step_kernel = kernel if k in chosen else deterministic
+        out = step_kernel.step(prediction, x, sigma, sigma_next, generator=generator)
+        x = out.x_next
+        states.append(x)
+        x0_preds.append(prediction.x0)
+        means.append(out.mean)
+        stds.append(out.std.reshape(()))
+        stochastic.append(out.log_prob is not None)
+        log_probs.append(out.log_prob if out.log_prob is not None else torch.full((batch,), float("nan")))
+    trajectory = Trajectory(
+        prompts=list(prompts),
+        group_ids=torch.arange(batch) if group_ids is None else torch.as_tensor(group_ids, dtype=torch.long),
+        sigmas=sigmas,
+        states=torch.stack(states, 1),
+        x0_preds=torch.stack(x0_preds, 1),
+        means=torch.stack(means, 1),
+        stds=torch.stack([s.float().cpu() for s in stds]),
+        log_probs=torch.stack([lp.float().to(x.device) for lp in log_probs], 1),
+        stochastic=torch.tensor(stochastic),
+    )
+    if decode:
+        trajectory.images = adapter.decode(trajectory.final_latents)
+    return trajectory

@@ -1,0 +1,101 @@
+"""Tiny random pipelines built through the same diffusers / transformers classes as the real checkpoints.
+
+Used by rlfew's tests and benchmarks, and handy for plug-in authors: `build_tiny_pipeline("sd3", folder)` writes
+a diffusers folder that `DiffusionPipeline.from_pretrained(folder)` loads offline in well under a second.
+Shapes follow OFFLINE.md ("Tiny real pipelines").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_FAMILIES = ("sd3", "sd", "sd-v", "sdxl")
+
+_WORDS = ("a an the and of left right above below red green blue yellow purple orange white black circle square "
+          "triangle circles squares triangles one two three four cat dog photo picture big small").split()
+
+
+def tiny_tokenizer(max_length: int = 16):
+    """A word-level tokenizer (bos/eos added) that loads offline; unknown words map to <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3}
+    for word in _WORDS:
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", model_max_length=max_length)
+
+
+def _text_config(hidden: int = 32, projection: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=16, projection_dim=projection,
+                          pad_token_id=0, bos_token_id=2, eos_token_id=3)
+
+
+def tiny_vae(latent_channels: int = 4, flow: bool = False):
+    from diffusers import AutoencoderKL
+
+    kwargs = dict(latent_channels=latent_channels, use_quant_conv=False, use_post_quant_conv=False,
+                  shift_factor=0.0609, scaling_factor=1.5305) if flow else dict(latent_channels=latent_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+                         layers_per_block=1, norm_num_groups=8, sample_size=64, **kwargs)
+
+
+def build_tiny_pipeline(family: str, seed: int = 0):
+    """A random-init pipeline of `family` ∈ TINY_FAMILIES producing 64×64 images (8×8 latents)."""
+    from diffusers import (EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; allowed: {', '.join(TINY_FAMILIES)}")
+    torch.manual_seed(seed)
+    if family == "sd3":
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+            pos_embed_max_size=16)
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=tiny_vae(16, flow=True),
+            text_encoder=CLIPTextModelWithProjection(_text_config()), tokenizer=tiny_tokenizer(),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=tiny_tokenizer(),
+            text_encoder_3=None, tokenizer_3=None)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing",
+        steps_offset=1, prediction_type="v_prediction" if family == "sd-v" else "epsilon")
+    unet_kwargs = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
+                       layers_per_block=1, norm_num_groups=8)
+    if family == "sdxl":
+        unet = UNet2DConditionModel(cross_attention_dim=64, addition_embed_type="text_time",
+                                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+                                    **unet_kwargs)
+        return StableDiffusionXLPipeline(
+            unet=unet, scheduler=scheduler, vae=tiny_vae(4),
+            text_encoder=CLIPTextModel(_text_config()), tokenizer=tiny_tokenizer(),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=tiny_tokenizer(),
+            force_zeros_for_empty_prompt=False)
+    unet = UNet2DConditionModel(cross_attention_dim=32, **unet_kwargs)
+    return StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=tiny_vae(4),
+                                   text_encoder=CLIPTextModel(_text_config()), tokenizer=tiny_tokenizer(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def save_tiny_pipeline(family: str, folder: str | Path, seed: int = 0) -> Path:
+    folder = Path(folder)
+    build_tiny_pipeline(family, seed).save_pretrained(folder)
+    return folder
+
