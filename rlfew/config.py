@@ -206,7 +206,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as err:
                 errors.append(err)
         if len(candidates) == 1:
-            raise errors[0]
+            optional = " (or null)" if type(None) in args else ""
+            raise ConfigError(f"{errors[0]}{optional}") from None
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
     if origin is Literal:
         if value in args:

@@ -86,6 +86,8 @@ def test_non_numeric_value_names_key_type_and_value():
         load_config(None, ["train.steps=1.5"])
     with pytest.raises(ConfigError, match=r"train\.steps: expected int, got True"):
         load_config(None, ["train.steps=true"])
+    with pytest.raises(ConfigError, match=r"generator\.shift: expected float, got 'x' \(str\) \(or null\)"):
+        load_config(None, ["generator.shift=x"])
 
 
 def test_bad_literal_lists_allowed_values():
