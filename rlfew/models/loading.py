@@ -59,7 +59,7 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, device: str |
     local = Path(resolved).exists()
     try:
         pipeline = DiffusionPipeline.from_pretrained(
-            resolved, torch_dtype=dtype, local_files_only=local, **(_absent_components(resolved) if local else {}))
+            resolved, dtype=dtype, local_files_only=local, **(_absent_components(resolved) if local else {}))
     except (OSError, ValueError, EnvironmentError) as err:
         raise ModelLoadError(f"could not load model {source!r}: {err}") from err
     pipeline.set_progress_bar_config(disable=True)
@@ -96,7 +96,7 @@ def load_denoiser(source: str, like: torch.nn.Module, dtype: torch.dtype) -> tor
     resolved = resolve_source(source)
     subfolder = "transformer" if (Path(resolved) / "transformer").is_dir() else "unet"
     try:
-        return type(like).from_pretrained(resolved, subfolder=subfolder, torch_dtype=dtype,
+        return type(like).from_pretrained(resolved, subfolder=subfolder, dtype=dtype,
                                           local_files_only=Path(resolved).exists())
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the denoiser of {source!r}: {err}") from err

@@ -51,7 +51,7 @@ class Role:
             return []
         if self.lora is None:
             return [p for p in self.net.parameters() if p.requires_grad]
-        return [p for n, p in self.net.named_parameters() if f".{self.lora}." in n and p.requires_grad]
+        return [p for n, p in self.net.named_parameters() if f".{self.lora}." in n]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores for this role: its LoRA weights, or the full network."""
@@ -87,6 +87,11 @@ def _activate_adapter(net: nn.Module, lora: str | None, scale: float) -> None:
     else:
         net.enable_adapters()
         net.set_adapters([lora], weights=[scale])
+    # peft marks inactive adapters requires_grad=False; a LoRA used earlier in the same autograd graph would
+    # then silently get no gradient (autograd drops grads of leaves frozen after use). Inactive adapters add
+    # nothing to the output, so keeping every trainable LoRA parameter requires_grad=True is exact.
+    for param in getattr(net, "_rlfew_lora_parameters", ()):
+        param.requires_grad_(True)
     net._rlfew_adapter_state = state
 
 
@@ -99,9 +104,10 @@ def add_lora(net: nn.Module, name: str, rank: int, alpha: float | None = None,
                         target_modules=targets or DEFAULT_LORA_TARGETS, init_lora_weights="gaussian")
     net.add_adapter(config, adapter_name=name)
     net._rlfew_adapter_state = None
-    for param_name, param in net.named_parameters():
-        if f".{name}." in param_name:
-            param.requires_grad_(True)
+    added = [param for param_name, param in net.named_parameters() if f".{name}." in param_name]
+    net._rlfew_lora_parameters = [*getattr(net, "_rlfew_lora_parameters", ()), *added]
+    for param in added:
+        param.requires_grad_(True)
 
 
 @dataclass
