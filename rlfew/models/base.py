@@ -46,6 +46,11 @@ def _expand_like(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """Parameterisation conversions run in float32 at least (float64 when the sampler state is float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """The forward process in the canonical convention (valid for both families)."""
     sigma = _expand_like(sigma, x0)
@@ -135,7 +140,7 @@ class FamilyAdapter(abc.ABC):
         CFG is applied to the raw output, x̂_u + w·(x̂_c − x̂_u); every parameterisation is affine in it at
         fixed (x, σ), so this equals CFG in x̂0, ε or v space.
         """
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sigma = torch.as_tensor(sigma, dtype=_work_dtype(x), device=x.device)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         if guidance == 1.0:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from rlfew.errors import UsageError
-from rlfew.models.base import Conditioning, FamilyAdapter, Prediction
+from rlfew.models.base import Conditioning, FamilyAdapter, Prediction, _work_dtype
 
 
 class FlowAdapter(FamilyAdapter):
@@ -34,8 +34,9 @@ class FlowAdapter(FamilyAdapter):
             encoder_hidden_states=cond.embeds.to(dtype),
             pooled_projections=cond.pooled.to(dtype),
             return_dict=False,
-        )[0].float()
-        return Prediction.from_velocity(x.float(), sigma, velocity)
+        )[0]
+        work = _work_dtype(x)
+        return Prediction.from_velocity(x.to(work), sigma.to(work), velocity.to(work))
 
     def native_target(self, x0, noise, sigma):
         return noise - x0

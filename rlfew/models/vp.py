@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rlfew.errors import UsageError
-from rlfew.models.base import Conditioning, FamilyAdapter, Prediction, _expand_like
+from rlfew.models.base import Conditioning, FamilyAdapter, Prediction, _expand_like, _work_dtype
 
 
 class VPAdapter(FamilyAdapter):
@@ -58,15 +58,16 @@ class VPAdapter(FamilyAdapter):
         return Conditioning(embeds=embeds)
 
     def _forward(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> Prediction:
-        alpha, sigma_vp = (_expand_like(c.float(), x) for c in self.vp_coefficients(sigma))
-        x = x.float()
+        work = _work_dtype(x)
+        x = x.to(work)
+        alpha, sigma_vp = (_expand_like(c.to(work), x) for c in self.vp_coefficients(sigma))
         x_vp = x * (alpha + sigma_vp)
         kwargs = {}
         if self.is_sdxl:
             kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(net.dtype),
                                            "time_ids": cond.extra["time_ids"].to(net.dtype)}
         output = net(x_vp.to(net.dtype), self.timestep(sigma).to(net.dtype),
-                     encoder_hidden_states=cond.embeds.to(net.dtype), return_dict=False, **kwargs)[0].float()
+                     encoder_hidden_states=cond.embeds.to(net.dtype), return_dict=False, **kwargs)[0].to(work)
         if self.prediction_type == "epsilon":
             eps = output
             x0 = (x_vp - sigma_vp * eps) / alpha
