@@ -40,8 +40,10 @@ class MultiReward(Reward):
     def score(self, images: torch.Tensor, prompts: Sequence[str], **meta: Any) -> torch.Tensor:
         prompts = list(prompts)
         check_images(images, prompts, self.name)
-        each = self.score_each(images, prompts, **meta)
-        return sum(weight * each[reward.name] for reward, weight in self.parts)
+        return self.weighted_sum(self.score_each(images, prompts, **meta))
+
+    def weighted_sum(self, scores_by_name: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(weight * scores_by_name[reward.name] for reward, weight in self.parts)
 
     __call__ = score
 
