@@ -262,7 +262,10 @@ def prompt_set(name: str) -> list[str]:
 def load_prompts(spec: str) -> list[str]:
     """`world:train`, `world:eval`, or a text file with one prompt per line (blank lines skipped)."""
     if spec.startswith("world:"):
-        return prompt_set(spec.split(":", 1)[1])
+        name = spec.split(":", 1)[1]
+        if name not in ("train", "eval"):
+            raise UsageError(f"unknown prompt set {spec!r}; choose world:train or world:eval")
+        return prompt_set(name)
     path = Path(spec)
     if not path.is_file():
         raise UsageError(f"prompt file {spec!r} does not exist (expected world:train, world:eval or a text file)")
@@ -365,10 +368,10 @@ def _separated_along(subject: SceneObject, relation: str, reference: SceneObject
 
 
 def _place(rng: np.random.Generator, shape: str, colour: str) -> SceneObject:
-    size = float(rng.integers(MIN_SIZE, MAX_SIZE + 1))
-    low, high = BORDER + size / 2, CANVAS - BORDER - size / 2
-    centre = (float(np.round(rng.uniform(low, high))), float(np.round(rng.uniform(low, high))))
-    return SceneObject(shape, colour, centre, size)
+    size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
+    # Whole-pixel box edges: a square covers exactly size x size pixels, at any render size that is a multiple.
+    left, top = rng.integers(BORDER, CANVAS - BORDER - size + 1, size=2)
+    return SceneObject(shape, colour, (float(left + size / 2), float(top + size / 2)), float(size))
 
 
 def sample_scene(prompt: str, rng: np.random.Generator) -> Scene:

@@ -15,7 +15,7 @@ def _object_mask(obj: SceneObject, xs: np.ndarray, ys: np.ndarray) -> np.ndarray
     if obj.shape == "circle":
         return (xs - cx) ** 2 + (ys - cy) ** 2 <= half ** 2
     if obj.shape == "square":
-        return (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
+        return (np.abs(xs - cx) < half) & (np.abs(ys - cy) < half)
     if obj.shape == "triangle":  # apex up, base = height = size: fills half its bounding box
         depth = ys - (cy - half)
         return (depth >= 0) & (ys <= cy + half) & (np.abs(xs - cx) <= depth / 2)
