@@ -98,14 +98,13 @@ def tiny_med_config(vocab_size: int) -> dict:
 
 
 def build_bert_tokenizer(folder: str | Path) -> Path:
-    """A WordPiece BertTokenizerFast from a vocab list (the real one is bert-base-uncased)."""
+    """A WordPiece BertTokenizerFast from a vocab list (the real one is bert-base-uncased). transformers 5
+    ignores `vocab_file=` here, so the vocabulary goes in as a dict."""
     from transformers import BertTokenizerFast
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS, "##s"]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    BertTokenizerFast(vocab={token: index for index, token in enumerate(vocab)}).save_pretrained(folder)
     return folder
 
 
