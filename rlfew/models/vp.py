@@ -101,6 +101,6 @@ class VPAdapter(FamilyAdapter):
         return (np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)) - 1).astype(np.int64)
 
     def prior_sample(self, noise: torch.Tensor) -> torch.Tensor:
-        """Diffusers VP samplers start from x_T = ε; in canonical scale that is ε / (α_T + σ_T)."""
-        alpha, sigma = self.vp_coefficients(torch.tensor(self.sigma_max))
-        return noise / float(alpha + sigma)
+        """x_T = σ_T·ε, as diffusers' Euler schedulers start with trailing / linspace spacing (SD-Turbo's); in
+        canonical scale that is σ_flow,max·ε, the forward process at σ_max without the (tiny) α_T·x0 term."""
+        return noise * self.sigma_max

@@ -1,0 +1,36 @@
+"""Helpers shared by the CLI subcommands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlfew.errors import UsageError
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+def read_prompts(spec: str | None, literal: list[str] | None) -> list[str]:
+    """Prompts from literal `--prompt` values, or a spec: `world:train`, `world:eval` or a text file."""
+    if literal:
+        return list(literal)
+    if not spec:
+        raise UsageError("give --prompt TEXT (repeatable) or --prompts world:eval|FILE")
+    if spec.startswith("world:"):
+        from rlfew.world.prompts import load_prompts
+
+        return load_prompts(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"prompt file {spec!r} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompt file {spec!r} has no prompts")
+    return prompts
