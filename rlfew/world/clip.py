@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, PreTrainedTokenizerFast
 
 from rlfew.errors import UsageError
 from rlfew.world import resolve_world_asset
@@ -139,7 +139,8 @@ def save_world_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, out: P
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    CLIPImageProcessor(
+    # The PIL variant: the default one wants torchvision, which CPU installs leave out (OFFLINE.md).
+    CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), do_convert_rgb=True,
     ).save_pretrained(staging)
