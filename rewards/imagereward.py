@@ -58,7 +58,7 @@ class ImageRewardModel(nn.Module):
 
 def configs_from_original(state: dict[str, torch.Tensor], med_config: dict, head_width: int = 64):
     """BlipVisionConfig from the checkpoint's shapes (heads = width / 64, as in ViT-L/16) and
-    BlipTextConfig from `med_config.json` (BERT config keys; `encoder_width` is the image token width)."""
+    BlipTextConfig from `med_config.json` (BERT config keys); cross-attention reads the ViT's width."""
     from transformers import BlipTextConfig, BlipVisionConfig
 
     width, _, patch, _ = state["blip.visual_encoder.patch_embed.proj.weight"].shape
@@ -77,7 +77,8 @@ def configs_from_original(state: dict[str, torch.Tensor], med_config: dict, head
                           hidden_act=med_config.get("hidden_act", "gelu"),
                           max_position_embeddings=med_config["max_position_embeddings"],
                           layer_norm_eps=med_config.get("layer_norm_eps", 1e-12),
-                          encoder_hidden_size=med_config.get("encoder_width", width),
+                          # BLIP_Pretrain overrides med_config's encoder_width with the ViT's width
+                          encoder_hidden_size=width,
                           # is_decoder builds the cross-attention layers; forward(is_decoder=False) keeps
                           # self-attention bidirectional, as in the original BERT encoder
                           is_decoder=True, pad_token_id=med_config.get("pad_token_id", 0))

@@ -91,10 +91,11 @@ def build_tiny_hps(folder: str | Path, seed: int = 0) -> Path:
 
 
 def tiny_med_config(vocab_size: int) -> dict:
-    """A tiny `med_config.json` (BLIP's BERT config; the real one is bert-base with encoder_width 1024)."""
+    """A tiny `med_config.json` (BLIP's BERT config; the real one is bert-base)."""
     return {"architectures": ["BertModel"], "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
             "intermediate_size": 64, "hidden_act": "gelu", "max_position_embeddings": 40, "layer_norm_eps": 1e-12,
-            "vocab_size": vocab_size, "encoder_width": 32, "add_cross_attention": True, "pad_token_id": 0}
+            "vocab_size": vocab_size, "add_cross_attention": True, "pad_token_id": 0,
+            "encoder_width": 768}  # as in BLIP's file; the loader must use the ViT's width instead
 
 
 def build_bert_tokenizer(folder: str | Path) -> Path:
@@ -118,14 +119,14 @@ def build_tiny_imagereward(folder: str | Path, seed: int = 0, initializer_range:
     folder = Path(folder)
     tokenizer = load_tokenizer(build_bert_tokenizer(folder / "tokenizer"))
     med = tiny_med_config(len(tokenizer))
-    vision = BlipVisionConfig(hidden_size=med["encoder_width"], intermediate_size=64, num_hidden_layers=2,
+    vision = BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=2, image_size=32, patch_size=16, layer_norm_eps=1e-6,
                               initializer_range=initializer_range)
     text = BlipTextConfig(vocab_size=med["vocab_size"], hidden_size=med["hidden_size"],
                           num_hidden_layers=med["num_hidden_layers"], num_attention_heads=med["num_attention_heads"],
                           intermediate_size=med["intermediate_size"],
                           max_position_embeddings=med["max_position_embeddings"],
-                          encoder_hidden_size=med["encoder_width"], is_decoder=True,
+                          encoder_hidden_size=vision.hidden_size, is_decoder=True,
                           initializer_range=initializer_range)
     torch.manual_seed(seed)
     model = ImageRewardModel(vision, text)
