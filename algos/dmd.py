@@ -1,0 +1,165 @@
+"""DMD2 (Yin et al., NeurIPS'24): distribution matching distillation with a two-time-scale critic and backward
+simulation; ALGORITHMS.md §1, one iteration as in §1.7.
+
+Per iteration (N = ttur):
+    k, x_k, σ_k = backward simulation on the CPS(η=1) rollout            # no_grad (the rollout)
+    if step % N == 0:                                                     # generator turn
+        x = G(x_k, σ_k)                                                   # the only call WITH grad
+        σ ~ U[0.02, 0.98]; x_σ = add_noise(sg(x), ε, σ)                   # no_grad ...
+        g = (F(x_σ) − T_cfg(x_σ; w_real)) / mean|x − T_cfg(x_σ)|          # ... to here
+        step G on ½·mse(x, sg(x − g))
+    else:
+        x = the rollout's x̂0 at step k                                   # already computed without grad
+    step F on its denoising loss at σ' ~ U[0, 1] on sg(x)                # critic turn, every iteration
+
+Deviations from DMD2 (each says why):
+  * No GAN head. It needs real image latents, which a rollout Batch does not carry; the DM loss alone is DMD2's
+    "no GAN" configuration (SD1.5 stage 1).
+  * Noise levels are continuous fractions of the training-time axis (algos/common.py), not integer t.
+  * The critic may be a LoRA on the teacher (DMDR-style, cfg.critic.lora_rank > 0) as well as a full copy.
+  * backward_simulation=False trains the first step only (k = 0, the prior sample at σ_max): DMD2 would instead
+    noise real or ODE images, which rlfew's Batch does not carry.
+  * A non-finite direction is zeroed instead of becoming the largest float (see `dmd_direction`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from rlfew.algos.common import (backward_simulation_input, critic_denoising_loss, dmd_direction, dmd_loss,
+                                standard_normal, uniform_sigma_sampler)
+from rlfew.config import TrainConfig
+from rlfew.errors import ConfigError
+from rlfew.method import Batch, Method, register_method
+from rlfew.models import ModelRoles
+from rlfew.sampling import CPS, Sampler
+
+
+@dataclass
+class DMDOptions:
+    ttur: int = 5  # critic updates per generator update (DMD2: 10 for SD1.5, 5 for SDXL)
+    real_guidance: float | None = None  # CFG scale of the real score; None: teacher.guidance
+    dm_sigma_range: list[float] = field(default_factory=lambda: [0.02, 0.98])  # fractions, see algos/common.py
+    critic_sigma_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    normalise: bool = True  # divide g by mean|x − x̂0_real| per sample
+    normaliser_eps: float = 0.0  # added to that mean (DMDR: 1e-8)
+    backward_simulation: bool = True  # train a random step k of the K-step generator (False: k = 0)
+
+    def __post_init__(self):
+        if self.ttur < 1:
+            raise ConfigError(f"algo.options.ttur: must be >= 1, got {self.ttur}")
+        for name in ("dm_sigma_range", "critic_sigma_range"):
+            low_high = getattr(self, name)
+            if len(low_high) != 2 or not 0.0 <= low_high[0] < low_high[1] <= 1.0:
+                raise ConfigError(f"algo.options.{name}: expected [low, high] with 0 <= low < high <= 1, "
+                                  f"got {low_high}")
+
+
+@register_method
+class DMD(Method):
+    name = "dmd"
+    Options = DMDOptions
+
+    @classmethod
+    def role_spec(cls, cfg: TrainConfig, options: DMDOptions) -> dict:
+        return {"critic": "full" if cfg.critic.lora_rank == 0 else "lora", "critic_lora_rank": cfg.critic.lora_rank}
+
+    def __init__(self, roles: ModelRoles, options: DMDOptions, cfg: TrainConfig, reward=None):
+        super().__init__(roles, options, cfg, reward)
+        train = cfg.train
+        self.real_guidance = cfg.teacher.guidance if options.real_guidance is None else options.real_guidance
+        self.generator_params = roles.generator.trainable_parameters()
+        self.critic_params = roles.critic.trainable_parameters()
+        self.generator_optimizer = torch.optim.AdamW(self.generator_params, lr=train.lr, betas=(0.9, 0.999),
+                                                     weight_decay=train.weight_decay)
+        self.critic_optimizer = torch.optim.AdamW(self.critic_params, lr=train.critic_lr, betas=(0.9, 0.999),
+                                                  weight_decay=train.weight_decay)
+        self.dm_sigmas = uniform_sigma_sampler(roles.adapter, *options.dm_sigma_range)
+        self.critic_sigmas = uniform_sigma_sampler(roles.adapter, *options.critic_sigma_range)
+        self.updates = {"generator": 0, "critic": 0}  # optimiser steps taken (warmup counts these)
+
+    def rollout_sampler(self) -> Sampler:
+        return CPS(eta=1.0)  # DMD2's sampler: x̂0 re-noised with fresh noise; backward simulation reads it
+
+    # ------------------------------------------------------------------------------------ one iteration
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        roles, rng, cond, trajectory = self.roles, batch.rng, batch.cond, batch.trajectory
+        if self.options.backward_simulation:
+            k, x_in, sigma_in = backward_simulation_input(trajectory, rng)
+        else:
+            k, x_in, sigma_in = 0, trajectory.states[:, 0], float(trajectory.sigmas[0])
+        metrics = {"generator_input_step": float(k), "generator_step": 0.0}
+
+        if batch.step % self.options.ttur == 0:  # ---- generator turn
+            x = roles.generator.predict(x_in, sigma_in, cond).x0  # the only call WITH grad
+            with torch.no_grad():
+                sigma = self.dm_sigmas(x.shape[0], rng)
+                noise = standard_normal(x.shape, rng).to(device=x.device, dtype=x.dtype)
+                x_noisy = roles.adapter.add_noise(x.detach(), noise, sigma)
+                x0_real = roles.teacher.predict(x_noisy, sigma, cond, guidance=self.real_guidance).x0
+                x0_fake = roles.critic.predict(x_noisy, sigma, cond).x0
+                direction = dmd_direction(x, x0_real, x0_fake, self.options.normalise, self.options.normaliser_eps)
+            generator_loss = dmd_loss(x, direction)
+            metrics["dmd_loss"] = float(generator_loss.detach())
+            metrics["dmd_direction_abs_mean"] = float(direction.abs().mean())
+            if not math.isfinite(metrics["dmd_loss"]):
+                self._zero_grads()
+                return metrics  # no optimiser steps; the trainer counts non-finite losses and aborts after N
+            metrics["generator_grad_norm"] = self._update(generator_loss, "generator")
+            metrics["generator_step"] = float(math.isfinite(metrics["generator_grad_norm"]))
+            critic_sample = x.detach()
+        else:
+            critic_sample = trajectory.x0_preds[:, k]  # the rollout's x̂0 at (x_k, σ_k), computed without grad
+
+        # ---- critic turn, every iteration
+        critic_loss = critic_denoising_loss(roles.critic, critic_sample, cond, self.critic_sigmas, rng)
+        metrics["critic_loss"] = float(critic_loss.detach())
+        if math.isfinite(metrics["critic_loss"]):
+            metrics["critic_grad_norm"] = self._update(critic_loss, "critic")
+        return metrics
+
+    def _update(self, loss: torch.Tensor, role: str) -> float:
+        """Backward, clip and step one role (skipping the step when the gradient is not finite), then zero *both*
+        roles' grads as DMD2 does after each phase. Returns the pre-clip gradient norm."""
+        optimizer = self.generator_optimizer if role == "generator" else self.critic_optimizer
+        params = self.generator_params if role == "generator" else self.critic_params
+        base_lr = self.cfg.train.lr if role == "generator" else self.cfg.train.critic_lr
+        loss.backward()
+        if role == "critic":
+            assert all(p.grad is None for p in self.generator_params), "the critic loss wrote generator gradients"
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if math.isfinite(grad_norm):
+            warmup, done = self.cfg.train.warmup_steps, self.updates[role]
+            for group in optimizer.param_groups:  # linear warmup over this role's own optimiser steps
+                group["lr"] = base_lr * min(1.0, (done + 1) / warmup) if warmup > 0 else base_lr
+            optimizer.step()
+            self.updates[role] += 1
+        self._zero_grads()
+        return grad_norm
+
+    def _zero_grads(self) -> None:
+        self.generator_optimizer.zero_grad(set_to_none=True)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Role weights, optimiser states and update counters. Tensors are references (as torch's state_dict);
+        a checkpoint writes them out at once."""
+        return {
+            "tensors": {"generator": self.roles.generator.trainable_state_dict(),
+                        "critic": self.roles.critic.trainable_state_dict()},
+            "state": {"generator_optimizer": self.generator_optimizer.state_dict(),
+                      "critic_optimizer": self.critic_optimizer.state_dict(),
+                      "updates": dict(self.updates)},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.roles.generator.load_trainable_state_dict(state["tensors"]["generator"])
+        self.roles.critic.load_trainable_state_dict(state["tensors"]["critic"])
+        self.generator_optimizer.load_state_dict(state["state"]["generator_optimizer"])
+        self.critic_optimizer.load_state_dict(state["state"]["critic_optimizer"])
+        self.updates = {role: int(count) for role, count in state["state"]["updates"].items()}
