@@ -31,6 +31,7 @@ hold anything out, so `world:eval` repeats their captions as in-distribution con
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,16 +227,16 @@ def _enumerate_category(category: str) -> list[str]:
     raise UsageError(f"unknown world prompt category {category!r}; choose from {', '.join(CATEGORIES)}")
 
 
-def category_captions(category: str, split: str = "train") -> list[str]:
+@functools.lru_cache(maxsize=None)  # random_prompt draws from these lists at every training step
+def category_captions(category: str, split: str = "train") -> tuple[str, ...]:
     """Every caption of `category` allowed in `split` ('train': no held-out pair; 'eval': colour-naming
     captions with at least one held-out pair, colour-free captions unchanged)."""
     if split not in ("train", "eval"):
         raise UsageError(f"unknown world prompt split {split!r}; choose 'train' or 'eval'")
     captions = _enumerate_category(category)
     if category in ("single_object", "counting", "two_objects"):
-        return captions
-    held_out = [bool(caption_pairs(c) & HELD_OUT_PAIRS) for c in captions]
-    return [c for c, held in zip(captions, held_out) if held == (split == "eval")]
+        return tuple(captions)
+    return tuple(c for c in captions if bool(caption_pairs(c) & HELD_OUT_PAIRS) == (split == "eval"))
 
 
 EVAL_PROMPTS_PER_CATEGORY = 24  # world:eval caps large categories at this many captions (fixed sample)
@@ -250,7 +251,7 @@ def prompt_set(name: str) -> list[str]:
         rng = np.random.default_rng(20240611)
         prompts: list[str] = []
         for category in CATEGORIES:
-            captions = category_captions(category, "eval")
+            captions = list(category_captions(category, "eval"))
             if len(captions) > EVAL_PROMPTS_PER_CATEGORY:
                 chosen = sorted(rng.choice(len(captions), EVAL_PROMPTS_PER_CATEGORY, replace=False))
                 captions = [captions[i] for i in chosen]
