@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 from dataclasses import fields
+from pathlib import Path
 
 from rlfew.errors import UsageError
 
@@ -19,10 +20,13 @@ def _render_command(args: argparse.Namespace) -> int:
     from rlfew.world.prompts import load_prompts, parse_prompt
     from rlfew.world.render import render_batch
 
-    if args.prompts.startswith("world:") or args.prompts.endswith(".txt") or "/" in args.prompts:
+    if args.prompts.startswith("world:") or Path(args.prompts).is_file():
         prompts = load_prompts(args.prompts)
     else:  # a single caption typed on the command line
-        parse_prompt(args.prompts)
+        try:
+            parse_prompt(args.prompts)
+        except UsageError as err:
+            raise UsageError(f"--prompts is neither world:train, world:eval, an existing file nor a world caption: {err}") from None
         prompts = [args.prompts]
     if args.n < 1:
         raise UsageError(f"--n must be at least 1 (got {args.n})")
@@ -50,7 +54,12 @@ def _train_clip_command(args: argparse.Namespace) -> int:
 def register_cli(subparsers) -> None:
     world = subparsers.add_parser("world", help="the embedded offline world: render, train its models")
     world_subparsers = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND")
-    world.set_defaults(func=lambda args: (world.print_help(), 2)[1])
+
+    def show_world_help(_args: argparse.Namespace) -> int:
+        world.print_help()
+        return 2
+
+    world.set_defaults(func=show_world_help)
 
     render = world_subparsers.add_parser("render", help="save a captioned grid of world renders")
     render.add_argument("--prompts", default="world:eval",
