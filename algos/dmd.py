@@ -81,7 +81,8 @@ class DMD(Method):
         self.critic_sigmas = uniform_sigma_sampler(roles.adapter, *options.critic_sigma_range)
         self.updates = {"generator": 0, "critic": 0}  # optimiser steps taken (warmup counts these)
 
-    def rollout_sampler(self) -> Sampler:
+    @classmethod
+    def rollout_sampler(cls, cfg: TrainConfig, options: DMDOptions) -> Sampler:
         return CPS(eta=1.0)  # DMD2's sampler: x̂0 re-noised with fresh noise; backward simulation reads it
 
     # ------------------------------------------------------------------------------------ one iteration

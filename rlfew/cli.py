@@ -12,8 +12,10 @@ from rlfew.errors import UsageError
 # Modules that contribute subcommands; each defines `register_cli(subparsers)` and sets a `func` default
 # that takes the parsed args and returns an exit code.
 _COMMAND_MODULES = (
+    "rlfew.commands.train",
     "rlfew.commands.sample",
     "rlfew.commands.export",
+    "rlfew.commands.eval",
     "rlfew.world.commands",
     "rlfew.rewards.commands",
 )
@@ -36,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `key=value` overrides may follow options (`rlfew train cfg.yaml --algo dmd train.steps=5`).
+        if getattr(args, "accepts_extra_overrides", False) and all("=" in t and not t.startswith("-") for t in extra):
+            args.config_and_overrides = [*args.config_and_overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

@@ -69,6 +69,7 @@ class Method(abc.ABC):
     name: ClassVar[str]
     Options: ClassVar[type]  # a dataclass; its fields are `algo.options` in the config
     uses_rewards: ClassVar[bool] = False  # the trainer scores each rollout before train_step (GRPO, TDM-R1)
+    reward_in_learner: ClassVar[bool] = False  # the learner holds the (differentiable) reward itself (DMDR)
 
     def __init__(self, roles: ModelRoles, options: Any, cfg: TrainConfig, reward=None):
         self.roles = roles
@@ -81,18 +82,17 @@ class Method(abc.ABC):
     def role_spec(cls, cfg: TrainConfig, options: Any) -> dict[str, Any]:
         """Keyword arguments for `rlfew.models.build_roles` beyond the model sources and generator LoRA."""
 
-    def rollout_sampler(self) -> Sampler:
+    # Class-level so rollout workers can draw rollouts without building the method (and its optimisers).
+    @classmethod
+    def rollout_sampler(cls, cfg: TrainConfig, options: Any) -> Sampler:
         """The kernel rollouts use; DMD-style methods re-noise x̂0 with fresh noise (CPS η=1)."""
-        gen = self.cfg.generator
+        gen = cfg.generator
         return make_sampler(gen.sampler, eta=gen.eta, noise_level=gen.noise_level)
 
-    def stochastic_steps(self) -> list[int] | None:
+    @classmethod
+    def stochastic_steps(cls, cfg: TrainConfig, options: Any) -> list[int] | None:
+        """Steps that use the rollout kernel; the others are deterministic. None: all of them."""
         return None
-
-    @property
-    def needs_images(self) -> bool:
-        """Whether rollouts must be decoded (rewards, logging); the trainer decodes for logging anyway."""
-        return self.uses_rewards
 
     @abc.abstractmethod
     def train_step(self, batch: Batch) -> dict[str, float]:

@@ -34,3 +34,19 @@ def read_prompts(spec: str | None, literal: list[str] | None) -> list[str]:
     if not prompts:
         raise UsageError(f"prompt file {spec!r} has no prompts")
     return prompts
+
+
+def load_generator_role(model: str, lora: str | None = None, device: str = "auto", dtype: str = "float32"):
+    """A frozen Role over any diffusers folder / hub id (optionally with exported LoRA weights) for sampling."""
+    from rlfew.models import DTYPES, load_pipeline, make_adapter
+    from rlfew.models.loading import denoiser_of
+    from rlfew.models.roles import Role
+
+    device = resolve_device(device)
+    pipeline = load_pipeline(model, dtype=DTYPES[dtype], device=device)
+    if lora:
+        if not Path(lora).exists():
+            raise UsageError(f"LoRA folder {lora!r} does not exist")
+        pipeline.load_lora_weights(lora)
+    adapter = make_adapter(pipeline, device)
+    return Role("generator", adapter, denoiser_of(pipeline))

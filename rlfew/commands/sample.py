@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from rlfew.commands.common import read_prompts, resolve_device
+from rlfew.commands.common import load_generator_role, read_prompts
 from rlfew.images import save_grid
 from rlfew.sampling import SAMPLERS, make_sampler
 
@@ -37,21 +37,14 @@ def register_cli(subparsers) -> None:
 
 
 def run_sample(args) -> int:
-    from rlfew.models import DTYPES, load_pipeline, make_adapter
-    from rlfew.models.loading import denoiser_of
-    from rlfew.models.roles import Role
     from rlfew.sampling import sample
 
     sampler = make_sampler(args.sampler, eta=args.eta, noise_level=args.noise_level)
     prompts = read_prompts(args.prompts, args.prompt)[: args.max_prompts]
-    device = resolve_device(args.device)
-    pipeline = load_pipeline(args.model, dtype=DTYPES[args.dtype], device=device)
-    if args.lora:
-        pipeline.load_lora_weights(args.lora)
-    adapter = make_adapter(pipeline, device)
-    generator_role = Role("generator", adapter, denoiser_of(pipeline))
+    generator_role = load_generator_role(args.model, args.lora, args.device, args.dtype)
+    adapter = generator_role.adapter
     all_prompts = [p for p in prompts for _ in range(args.n)]
-    rng = torch.Generator(device).manual_seed(args.seed)
+    rng = torch.Generator(adapter.device).manual_seed(args.seed)
     resolution = args.resolution or adapter.default_resolution
     start = time.perf_counter()
     with torch.no_grad():
