@@ -33,7 +33,7 @@ from rlfew.algos.common import (backward_simulation_input, critic_denoising_loss
                                 standard_normal, uniform_sigma_sampler)
 from rlfew.config import TrainConfig
 from rlfew.errors import ConfigError
-from rlfew.method import Batch, Method, register_method
+from rlfew.method import average_gradients, Batch, Method, register_method
 from rlfew.models import ModelRoles
 from rlfew.sampling import CPS, Sampler
 
@@ -129,6 +129,7 @@ class DMD(Method):
         params = self.generator_params if role == "generator" else self.critic_params
         base_lr = self.cfg.train.lr if role == "generator" else self.cfg.train.critic_lr
         loss.backward()
+        average_gradients(params)
         if role == "critic":
             assert all(p.grad is None for p in self.generator_params), "the critic loss wrote generator gradients"
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf

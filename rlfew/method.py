@@ -105,3 +105,20 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of `state_dict`."""
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients across the learners' torch.distributed group (no-op with one learner).
+
+    Methods call this between backward and the optimiser step, so every rank applies the same update.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)  # every rank must join every all-reduce
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+        param.grad.div_(world)

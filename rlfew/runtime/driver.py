@@ -95,8 +95,9 @@ class Trainer:
         env = {"env_vars": {k: os.environ.get(k, v) for k, v in
                             {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
                              "RAY_AUTH_MODE": "disabled"}.items()}}
-        if self.cfg.runtime.address:
-            ray.init(address=self.cfg.runtime.address, runtime_env=env, log_to_driver=True)
+        address = self.cfg.runtime.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
+        if address:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
             return
         # A local Ray gets enough logical CPUs for one CPU per actor; physical cores are shared.
         needed = self.cfg.runtime.num_learners + len(self.cfg.reward) + (
