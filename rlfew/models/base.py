@@ -113,12 +113,14 @@ class FamilyAdapter(abc.ABC):
     # ---- prompts -------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """Encode prompts (cached per prompt; uncached ones are encoded in one batch)."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
-        if missing:
-            encoded = self._encode(missing)
-            for i, prompt in enumerate(missing):
-                self._prompt_cache[prompt] = encoded.index(slice(i, i + 1))
+        """Encode prompts, cached per prompt.
+
+        Each new prompt is encoded on its own: a batched text encoder's output depends (at float rounding) on
+        what else is in the batch, and a resumed run must see bit-identical conditioning.
+        """
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in self._prompt_cache:
+                self._prompt_cache[prompt] = self._encode([prompt])
         return Conditioning.cat([self._prompt_cache[p] for p in prompts])
 
     def unconditional(self, batch_size: int) -> Conditioning:

@@ -1,0 +1,173 @@
+"""`rlfew train` end to end on a tiny SD3-family pipeline: run outputs, resume after SIGKILL, bad input,
+non-finite losses (in-process), and on Ray: placements agree, dead actors are restarted, two learners."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlfew.cli import main
+from rlfew.config import load_config
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "a purple square"]
+
+
+@pytest.fixture(scope="module")
+def recipe(tiny_pipeline_dir, tmp_path_factory):
+    """Overrides for a few-second DMD run on the tiny pipeline."""
+    folder = tmp_path_factory.mktemp("recipe")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return [f"model.source={tiny_pipeline_dir('sd3')}", f"train.prompts={prompts}", f"eval.prompts={prompts}",
+            "train.batch_size=2", "train.log_every=1", "train.sample_every=4", "train.save_every=2",
+            "generator.lora_rank=4", "critic.lora_rank=0", "algo.options={ttur: 2}"]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(records: list[dict]) -> list[tuple]:
+    return [(r["step"], r.get("dmd_loss"), r["critic_loss"]) for r in records]
+
+
+def test_inprocess_run_writes_a_complete_run_directory(recipe, tmp_path):
+    code = main(["train", *recipe, "train.steps=4", "runtime.backend=inprocess", f"run.output_dir={tmp_path}",
+                 "run.name=demo"])
+    run_dir = tmp_path / "demo"
+    assert code == 0
+    assert load_config(run_dir / "config.yaml").train.steps == 4
+    records = _metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["critic_loss"] > 0 for r in records) and records[0]["generator_step"] == 1.0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0.png", "step_4.png"]
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    # The run directory is not reused by accident.
+    assert main(["train", *recipe, "train.steps=4", "runtime.backend=inprocess", f"run.output_dir={tmp_path}",
+                 "run.name=demo"]) == 2
+
+
+def test_resume_after_sigkill_continues_with_the_same_metrics(recipe, tmp_path):
+    common = [*recipe, "runtime.backend=inprocess", f"run.output_dir={tmp_path}", "train.sample_every=0"]
+    assert main(["train", *common, "train.steps=8", "run.name=straight"]) == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.Popen([sys.executable, "-m", "rlfew.cli", "train", *common, "train.steps=60",
+                               "run.name=killed"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step_4"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert checkpoint.exists(), "the killed run never wrote step_4"
+
+    assert main(["train", *common, "train.steps=8", "run.name=killed", "run.resume=auto"]) == 0
+    straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "killed")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert _losses(resumed) == _losses(straight)
+
+
+def test_bad_config_exits_2_and_writes_nothing(recipe, tmp_path, capsys):
+    base = ["train", *recipe, "runtime.backend=inprocess", f"run.output_dir={tmp_path}"]
+    cases = {
+        "train.stpes=3": "train.stpes",
+        "train.steps=abc": "train.steps",
+        "generator.sampler=ddpm": "deterministic",
+        "algo.name=nope": "nope",
+        "model.source=/does/not/exist": "/does/not/exist",
+        "algo.options={ttur: -1}": "ttur",
+    }
+    for override, named in cases.items():
+        assert main([*base, override]) == 2, override
+        assert named in capsys.readouterr().err, override
+    assert not any(tmp_path.iterdir())
+
+
+def test_non_finite_losses_skip_steps_then_abort_keeping_the_last_good_checkpoint(recipe, tmp_path, monkeypatch):
+    from rlfew.algos.dmd import DMD
+
+    original = DMD.train_step
+
+    def poisoned(self, batch):
+        if batch.step >= 2:  # from the third iteration on, the generator's samples are NaN
+            batch.trajectory.states = torch.full_like(batch.trajectory.states, float("nan"))
+            batch.trajectory.x0_preds = torch.full_like(batch.trajectory.x0_preds, float("nan"))
+        return original(self, batch)
+
+    monkeypatch.setattr(DMD, "train_step", poisoned)
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        main(["train", *recipe, "runtime.backend=inprocess", f"run.output_dir={tmp_path}", "run.name=nan",
+              "train.steps=20", "train.max_nonfinite_steps=3", "train.sample_every=0"])
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == ["step_2"]
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+def _trainer(recipe, tmp_path, *overrides):
+    from rlfew.config import load_config
+    from rlfew.runtime.driver import Trainer
+
+    cfg = load_config(None, [*recipe, f"run.output_dir={tmp_path}", "train.sample_every=0", *overrides])
+    return Trainer(cfg)
+
+
+@pytest.mark.ray
+def test_ray_placements_match_the_inprocess_run_and_survive_dead_actors(recipe, tmp_path, ray_local):
+    """Colocated and disaggregated Ray runs compute what the in-process run computes; killing the rollout
+    worker and the reward worker mid-run restarts them and re-runs their batch without changing the result."""
+    reference = _trainer(recipe, tmp_path, "runtime.backend=inprocess", "run.name=ref", "train.steps=4",
+                         "reward=jpeg")
+    assert reference.run() == 0
+
+    colocated = _trainer(recipe, tmp_path, "runtime.backend=ray", "run.name=colo", "train.steps=4", "reward=jpeg")
+    assert colocated.run() == 0
+
+    faulty = _trainer(recipe, tmp_path, "runtime.backend=ray", "runtime.placement=disaggregated",
+                      "run.name=faulty", "train.steps=4", "reward=jpeg")
+    original_iteration = faulty.iteration
+
+    def iteration_with_faults(step):
+        if step == 2:
+            ray_local.kill(faulty.rollout_workers[0].handle, no_restart=False)
+            ray_local.kill(faulty.reward_workers["jpeg"].handle, no_restart=False)
+        return original_iteration(step)
+
+    faulty.iteration = iteration_with_faults
+    assert faulty.run() == 0
+
+    expected = _metrics(tmp_path / "ref")
+    for name in ("colo", "faulty"):
+        got = _metrics(tmp_path / name)
+        assert [r["step"] for r in got] == [1, 2, 3, 4]
+        for a, b in zip(got, expected):
+            assert a["critic_loss"] == pytest.approx(b["critic_loss"], rel=1e-5), name
+            assert a["reward/jpeg"] == pytest.approx(b["reward/jpeg"], rel=1e-5), name
+
+
+@pytest.mark.ray
+def test_two_learners_average_gradients_over_gloo(recipe, tmp_path, ray_local):
+    trainer = _trainer(recipe, tmp_path, "runtime.backend=ray", "runtime.num_learners=2", "run.name=ddp",
+                       "train.steps=3")
+    assert trainer.run() == 0
+    states = ray_local.get([learner.call("generator_state") for learner in trainer.learners])
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], atol=0, rtol=0)
+    assert any(float(v.abs().sum()) > 0 for k, v in states[0].items() if "lora_B" in k), "the LoRA never moved"
