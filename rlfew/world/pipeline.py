@@ -470,6 +470,12 @@ def build_teacher(run: str | Path, out: str | Path, dtype: torch.dtype = torch.f
     pipeline.to(dtype)
     out = Path(out)
     _atomic_save_pretrained(pipeline, out)
+    (out / "README.md").write_text(
+        "# world:teacher\n\nThe embedded world's text-to-image model: a tiny StableDiffusion3Pipeline (no T5) trained by\n"
+        "`rlfew world train-vae` and `rlfew world train-denoiser`; recipe, seeds and measured accuracy in\n"
+        "`configs/world/teacher.yaml`. Load with\n"
+        "`StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)`.\n"
+        f"Weights stored as {str(dtype).removeprefix('torch.')}; scheduler shift {pipeline.scheduler.config.shift}.\n")
     return out
 
 
