@@ -122,7 +122,7 @@ def test_dmd_gradient_is_the_reverse_kl_gradient_on_gaussians():
     var_g, var_r = alpha**2 * std_g**2 + sigma**2, alpha**2 * std_real**2 + sigma**2
     kl = 0.5 * (torch.log(var_r / var_g) + (var_g + alpha**2 * (mean_g - mean_real) ** 2) / var_r - 1)
     exact_mean, exact_std = torch.autograd.grad(kl, (mean_g, std_g))
-    # exact (-2.8200, 1.1009) vs Monte Carlo at 1e6 samples, within 1%
+    # exact (−2.1600, 1.0912) vs Monte Carlo (−2.1596, 1.0894) at 1e6 samples: within 1%
     assert float(grad_mean) == pytest.approx(float(exact_mean), rel=0.01)
     assert float(grad_std) == pytest.approx(float(exact_std), rel=0.01)
 
