@@ -6,13 +6,19 @@ It is the embedded world's differentiable, PickScore-like reward. The shipped co
     OMP_NUM_THREADS=1 rlfew world train-clip --steps 1500 --batch-size 96 --seed 0 \
         --out rlfew/world/assets/clip
 
-i.e. the defaults below: AdamW lr 1e-3 (100 warm-up steps, cosine decay to 0), weight decay 0.05;
-vision ViT 64x64 / patch 8, hidden 96, 3 layers; text hidden 64, 3 layers; projection 64; learnable logit
+(run with a scratch --out, then copied here; 688 s on one thread of the shared 2-core CPU machine;
+~370k parameters, 1.5 MB) with the defaults below: AdamW lr 1e-3 (100 warm-up steps, cosine decay to 0),
+weight decay 0.05; vision ViT 64x64 / patch 8, hidden 96, 3 layers; text hidden 64, 3 layers; projection 64; learnable logit
 scale (init 1/0.07, capped at 100). Each step renders `batch_size` random `world:train` captions (uniform
 over categories) and adds one hard negative per image (the caption with one colour, shape, number or
 relation changed, see `prompts.perturb_prompt`). The loss is a symmetric InfoNCE in which every caption a
 scene satisfies counts as a positive ("a circle" is as true as "a red circle" for a lone red circle), so
 duplicate and overlapping captions in a batch are not pushed apart.
+
+Its retrieval on 300 fresh renders of held-out `world:eval` captions (`retrieval_report()`, printed at the
+end of training): the true caption ranks first among 8 (7 false eval captions) 90.7% of the time (chance
+12.5%; position 70%, colour_binding 88%, others 92-100%) and beats its one-word hard negative 95.3% of
+the time (chance 50%; position 88%).
 
 Images are fed as float (B,3,H,W) in [0,1] through `preprocess_images` (resize to 64, mean/std 0.5);
 the folder also holds a `CLIPImageProcessor` doing the same for PIL images, and the tokenizer.
