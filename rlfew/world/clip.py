@@ -8,8 +8,8 @@ It is the embedded world's differentiable, PickScore-like reward. The shipped co
 
 (run with a scratch --out, then copied here; 688 s on one thread of the shared 2-core CPU machine;
 ~370k parameters, 1.5 MB) with the defaults below: AdamW lr 1e-3 (100 warm-up steps, cosine decay to 0),
-weight decay 0.05; vision ViT 64x64 / patch 8, hidden 96, 3 layers; text hidden 64, 3 layers; projection 64; learnable logit
-scale (init 1/0.07, capped at 100). Each step renders `batch_size` random `world:train` captions (uniform
+weight decay 0.05; vision ViT 64x64 / patch 8, hidden 96, 3 layers; text hidden 64, 3 layers;
+projection 64; learnable logit scale (init 1/0.07, capped at 100). Each step renders `batch_size` random `world:train` captions (uniform
 over categories) and adds one hard negative per image (the caption with one colour, shape, number or
 relation changed, see `prompts.perturb_prompt`). The loss is a symmetric InfoNCE in which every caption a
 scene satisfies counts as a positive ("a circle" is as true as "a red circle" for a lone red circle), so
@@ -21,7 +21,7 @@ end of training): the true caption ranks first among 8 (7 false eval captions) 9
 the time (chance 50%; position 88%).
 
 Images are fed as float (B,3,H,W) in [0,1] through `preprocess_images` (resize to 64, mean/std 0.5);
-the folder also holds a `CLIPImageProcessor` doing the same for PIL images, and the tokenizer.
+the folder also holds a CLIP image processor doing the same for PIL images, and the tokenizer.
 """
 
 from __future__ import annotations
