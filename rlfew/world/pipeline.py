@@ -218,8 +218,16 @@ def _atomic_save_pretrained(obj, folder: Path) -> None:
     temp.rename(folder)
 
 
-def _warmup_lambda(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+def _lr_lambda(warmup_steps: int, total_steps: int, decay_fraction: float):
+    """Linear warm-up, constant, then linear decay to zero over the last `decay_fraction` of the run. Up to
+    the decay the factor does not depend on `total_steps`, so a run can be extended by resuming it."""
+    decay_steps = decay_fraction * total_steps
+
+    def factor(step: int) -> float:
+        warmup = min(1.0, (step + 1) / max(1, warmup_steps))
+        return warmup * (min(1.0, (total_steps - step) / decay_steps) if decay_steps > 0 else 1.0)
+
+    return factor
 
 
 def _resolve_resume(resume: str | None, out: Path) -> Path | None:
@@ -255,7 +263,7 @@ def train_vae(config: VaeTrainConfig, out: str | Path, resume: str | None = None
     torch.manual_seed(config.seed)
     vae = build_vae(config.architecture)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_lambda(config.warmup_steps))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps, config.steps, 0.0))
     start = 0
     checkpoint_path = _resolve_resume(resume, out)
     if checkpoint_path is not None:
@@ -327,12 +335,13 @@ def reconstruction_report(vae: AutoencoderKL, seed: int, count: int = 256, batch
 
 @dataclasses.dataclass
 class DenoiserTrainConfig:
-    steps: int = 2500
+    steps: int = 5500
     batch_size: int = 32
     lr: float = 1e-3  # high for a short CPU run; qk-norm, warm-up and clipping keep it stable
     text_lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 200
+    lr_decay_fraction: float = 0.2  # linear decay to zero over the last 20% of the steps
     caption_dropout: float = 0.1  # empty caption, the pipeline's negative_prompt="" for CFG
     logit_normal_mean: float = 0.0  # sigma = sigmoid(N(mean, std)): SD3's training distribution
     logit_normal_std: float = 1.0
@@ -379,7 +388,8 @@ def train_denoiser(config: DenoiserTrainConfig, vae_path: str | Path, out: str |
          {"params": text_parameters, "lr": config.text_lr}],
         weight_decay=config.weight_decay, betas=(0.9, 0.99),
     )
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_lambda(config.warmup_steps))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(config.warmup_steps, config.steps, config.lr_decay_fraction))
     ema = EMAModel(_ema_parameters(pipeline), decay=config.ema_decay, use_ema_warmup=True, power=config.ema_power)
     start = 0
     checkpoint_path = _resolve_resume(resume, out)
