@@ -33,7 +33,7 @@ from rlfew.algos.common import (backward_simulation_input, critic_denoising_loss
                                 standard_normal, uniform_sigma_sampler)
 from rlfew.config import TrainConfig
 from rlfew.errors import ConfigError
-from rlfew.method import average_gradients, Batch, Method, register_method
+from rlfew.method import Batch, all_ranks_finite, average_gradients, Method, register_method
 from rlfew.models import ModelRoles
 from rlfew.sampling import CPS, Sampler
 
@@ -65,7 +65,8 @@ class DMD(Method):
 
     @classmethod
     def role_spec(cls, cfg: TrainConfig, options: DMDOptions) -> dict:
-        return {"critic": "full" if cfg.critic.lora_rank == 0 else "lora", "critic_lora_rank": cfg.critic.lora_rank}
+        return {"critic": "full" if cfg.critic.lora_rank == 0 else "lora", "critic_lora_rank": cfg.critic.lora_rank,
+                "critic_lora_alpha": cfg.critic.lora_alpha}
 
     def __init__(self, roles: ModelRoles, options: DMDOptions, cfg: TrainConfig, reward=None):
         super().__init__(roles, options, cfg, reward)
@@ -106,7 +107,7 @@ class DMD(Method):
             generator_loss = dmd_loss(x, direction)
             metrics["dmd_loss"] = float(generator_loss.detach())
             metrics["dmd_direction_abs_mean"] = float(direction.abs().mean())
-            if not math.isfinite(metrics["dmd_loss"]):
+            if not all_ranks_finite(metrics["dmd_loss"]):
                 self._zero_grads()
                 return metrics  # no optimiser steps; the trainer counts non-finite losses and aborts after N
             metrics["generator_grad_norm"] = self._update(generator_loss, "generator")
@@ -118,7 +119,7 @@ class DMD(Method):
         # ---- critic turn, every iteration
         critic_loss = critic_denoising_loss(roles.critic, critic_sample, cond, self.critic_sigmas, rng)
         metrics["critic_loss"] = float(critic_loss.detach())
-        if math.isfinite(metrics["critic_loss"]):
+        if all_ranks_finite(metrics["critic_loss"]):
             metrics["critic_grad_norm"] = self._update(critic_loss, "critic")
         return metrics
 

@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "rlfew.commands.sample",
     "rlfew.commands.export",
     "rlfew.commands.eval",
+    "rlfew.commands.bench",
     "rlfew.world.commands",
     "rlfew.rewards.commands",
 )

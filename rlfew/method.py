@@ -122,3 +122,17 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
             param.grad = torch.zeros_like(param)  # every rank must join every all-reduce
         dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
         param.grad.div_(world)
+
+
+def all_ranks_finite(value: float) -> bool:
+    """Whether `value` is finite on every learner; all ranks must take the same branch before a collective."""
+    import math
+
+    import torch.distributed as dist
+
+    finite = math.isfinite(value)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return finite
+    flag = torch.tensor([1.0 if finite else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)

@@ -165,8 +165,15 @@ def test_ray_placements_match_the_inprocess_run_and_survive_dead_actors(recipe, 
 def test_two_learners_average_gradients_over_gloo(recipe, tmp_path, ray_local):
     trainer = _trainer(recipe, tmp_path, "runtime.backend=ray", "runtime.num_learners=2", "run.name=ddp",
                        "train.steps=3")
+    states = []
+    release_actors = trainer.shutdown
+
+    def read_weights_then_shutdown():
+        states.extend(ray_local.get([learner.call("generator_state") for learner in trainer.learners]))
+        release_actors()
+
+    trainer.shutdown = read_weights_then_shutdown
     assert trainer.run() == 0
-    states = ray_local.get([learner.call("generator_state") for learner in trainer.learners])
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         torch.testing.assert_close(states[0][key], states[1][key], atol=0, rtol=0)

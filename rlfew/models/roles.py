@@ -127,7 +127,8 @@ class ModelRoles:
 
 def build_roles(source: str, *, generator_source: str | None = None, generator_lora_rank: int = 0,
                 lora_alpha: float | None = None, lora_targets: list[str] | None = None,
-                critic: str | None = None, critic_lora_rank: int = 32, critic_lora_scale: float = 1.0,
+                critic: str | None = None, critic_lora_rank: int = 32, critic_lora_alpha: float | None = None,
+                critic_lora_scale: float = 1.0,
                 reference: bool = False, dtype: str = "float32", teacher_dtype: str | None = None,
                 device: str | torch.device = "cpu") -> ModelRoles:
     """Build the roles a method asks for from one teacher source.
@@ -175,7 +176,7 @@ def build_roles(source: str, *, generator_source: str | None = None, generator_l
             roles.reference = Role("reference", adapter, copy.deepcopy(generator_net).requires_grad_(False))
 
     if critic == "lora":
-        add_lora(teacher_net, "critic", critic_lora_rank, lora_alpha, lora_targets)
+        add_lora(teacher_net, "critic", critic_lora_rank, critic_lora_alpha, lora_targets)
         roles.critic = Role("critic", adapter, teacher_net, lora="critic", lora_scale=critic_lora_scale,
                             trainable=True)
     if teacher_net is not generator_net or generator_lora_rank == 0:

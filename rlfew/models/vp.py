@@ -41,9 +41,10 @@ class VPAdapter(FamilyAdapter):
 
     def timestep(self, sigma_flow: torch.Tensor) -> torch.Tensor:
         """Continuous network timestep t ∈ [0, T−1] whose VP noise level matches σ_flow."""
-        t = np.interp(sigma_flow.detach().double().cpu().numpy(), self._flow_sigma_table,
+        sigma_flow = torch.as_tensor(sigma_flow)
+        t = np.interp(sigma_flow.detach().double().cpu().numpy().reshape(-1), self._flow_sigma_table,
                       np.arange(self.num_train_timesteps, dtype=np.float64))
-        return torch.from_numpy(t).to(sigma_flow.device)
+        return torch.from_numpy(t).reshape(sigma_flow.shape).to(sigma_flow.device)
 
     # ---- protocol ------------------------------------------------------------------------------------
     def _encode(self, prompts: list[str]) -> Conditioning:

@@ -26,7 +26,7 @@ from rlfew.runtime.workers import (SAMPLES_STREAM, Learner, PromptSource, Reward
 
 log = logging.getLogger(__name__)
 
-ACTOR_RETRIES = 3
+ACTOR_RETRIES = 4
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,6 +50,12 @@ class _Actor:
         if self.backend == "ray":
             return getattr(self.handle, method).remote(*args, **kwargs)
         return getattr(self.handle, method)(*args, **kwargs)
+
+    def kill(self) -> None:
+        if self.backend == "ray":
+            import ray
+
+            ray.kill(self.handle)
 
     def fetch(self, value):
         if self.backend == "ray":
@@ -152,18 +158,19 @@ class Trainer:
         self.weights_version = version
 
     def _with_restarts(self, actor: _Actor, what: str, call, on_restart=None):
-        """Run `call()`; if the actor died, wait for Ray to restart it, re-prepare it and re-run the batch."""
+        """Run `call()`; if the actor died, wait for Ray to restart it, re-prepare it (`on_restart`, e.g. re-sync
+        weights) and re-run the batch."""
         for attempt in range(ACTOR_RETRIES + 1):
             try:
+                if attempt > 0 and on_restart is not None:
+                    on_restart()
                 return actor.fetch(call())
             except Exception as err:  # noqa: BLE001 - only actor deaths are retried, the rest re-raised
                 if not _is_actor_death(err) or attempt == ACTOR_RETRIES:
                     raise
-                log.warning("%s actor died (%s); restarting and re-running its batch (attempt %d/%d)",
+                log.warning("%s actor died or is restarting (%s); re-running its batch (attempt %d/%d)",
                             what, type(err).__name__, attempt + 1, ACTOR_RETRIES)
-                time.sleep(1.0)
-                if on_restart is not None:
-                    on_restart()
+                time.sleep(2.0 * (attempt + 1))
 
     # ---- one iteration -------------------------------------------------------------------------------
     def iteration(self, step: int) -> dict[str, float]:
@@ -243,7 +250,8 @@ class Trainer:
                 while step < cfg.train.steps:
                     metrics = self.iteration(step)
                     step += 1
-                    losses = {k: v for k, v in metrics.items() if "loss" in k}
+                    # A non-finite loss or gradient means the method skipped that update.
+                    losses = {k: v for k, v in metrics.items() if "loss" in k or "grad_norm" in k}
                     if any(not math.isfinite(v) for v in losses.values()):
                         nonfinite_in_a_row += 1
                         log.warning("step %d: non-finite loss %s; the update was skipped (%d in a row)", step,
@@ -276,12 +284,16 @@ class Trainer:
         return 0
 
     def shutdown(self) -> None:
-        if self.backend == "ray" and len(self.learners) > 1:
+        """Leave the process group and release every actor (and so its CPUs/GPUs) of this run."""
+        actors = [*self.learners, *self.rollout_workers, *self.reward_workers.values()]
+        if len(self.learners) > 1:
             for learner in self.learners:
                 try:
                     learner.fetch(learner.call("shutdown"))
                 except Exception:  # noqa: BLE001 - best effort while tearing down
                     log.debug("learner shutdown failed", exc_info=True)
+        for actor in actors:
+            actor.kill()
 
 
 @contextmanager

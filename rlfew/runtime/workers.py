@@ -199,7 +199,8 @@ class RewardWorker:
         self.device = device
 
     def score(self, images: np.ndarray, prompts: list[str]) -> list[float]:
-        tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255).to(self.device)
+        # np.array copies: arrays from Ray's object store are read-only.
+        tensor = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(255).to(self.device)
         with torch.no_grad():
             return self.reward.score(tensor, prompts).float().cpu().tolist()
 

@@ -1,0 +1,146 @@
+"""`rlfew bench ...`: speed and memory measurements as JSON (never asserted in tests)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks that write JSON (sampling, runtime, rewards)")
+    bench = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+
+    sampling = bench.add_parser("sampling", help="seconds per image of few-step sampling",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sampling.add_argument("--model", action="append",
+                          help="diffusers folder / hub id (repeatable); default: tiny random sd3, sd, sdxl")
+    sampling.add_argument("--steps", type=int, default=4)
+    sampling.add_argument("--batch-size", type=int, default=8)
+    sampling.add_argument("--repeats", type=int, default=3)
+    sampling.add_argument("--device", default="auto")
+    sampling.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sampling.add_argument("--out", default="bench_sampling.json")
+    sampling.set_defaults(func=run_sampling_bench)
+
+    runtime = bench.add_parser("runtime", help="DMD step time in-process vs Ray colocated vs Ray disaggregated",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    runtime.add_argument("--model", help="diffusers folder or world:teacher; default: a tiny random sd3 pipeline")
+    runtime.add_argument("--steps", type=int, default=20, help="timed iterations per mode (after 2 warm-up)")
+    runtime.add_argument("--batch-size", type=int, default=8)
+    runtime.add_argument("--out", default="bench_runtime.json")
+    runtime.set_defaults(func=run_runtime_bench)
+
+    rewards = bench.add_parser("rewards", help="reward scoring throughput",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    rewards.add_argument("--reward", help="reward spec; default: tiny instances of every model reward + jpeg, world")
+    rewards.add_argument("--batch-size", type=int, default=8)
+    rewards.add_argument("--image-size", type=int, default=64)
+    rewards.add_argument("--backward", action="store_true", help="also time the gradient to the images")
+    rewards.add_argument("--out", default="bench_rewards.json")
+    rewards.set_defaults(func=run_rewards_bench)
+
+
+def _environment(device: str | None = None) -> dict:
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine()}
+    if device and device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _write(out: str, report: dict) -> int:
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def run_sampling_bench(args) -> int:
+    from rlfew.commands.common import load_generator_role, resolve_device
+    from rlfew.sampling import Deterministic, sample
+    from rlfew.testing import save_tiny_pipeline
+
+    device = resolve_device(args.device)
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        models = args.model or [str(save_tiny_pipeline(f, Path(scratch) / f)) for f in ("sd3", "sd", "sdxl")]
+        for model in models:
+            role = load_generator_role(model, device=device, dtype=args.dtype)
+            adapter = role.adapter
+            prompts = ["a red circle"] * args.batch_size
+            cond = adapter.encode_prompts(prompts)
+            times = []
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.repeats + 1):
+                start = time.perf_counter()
+                with torch.no_grad():
+                    sample(role, cond, adapter.sigma_grid(args.steps), Deterministic(), prompts=prompts,
+                           generator=torch.Generator(adapter.device).manual_seed(0))
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            best = min(times[1:])  # the first call warms up kernels and allocators
+            entry = {"seconds_per_batch": best, "seconds_per_image": best / args.batch_size,
+                     "family": adapter.family, "resolution": adapter.default_resolution}
+            if device.startswith("cuda"):
+                entry["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            results[Path(model).name if Path(model).exists() else model] = entry
+    return _write(args.out, {"bench": "sampling", "steps": args.steps, "batch_size": args.batch_size,
+                             "dtype": args.dtype, "device": device, "results": results,
+                             "environment": _environment(device)})
+
+
+def run_runtime_bench(args) -> int:
+    from rlfew.config import load_config
+    from rlfew.runtime.driver import Trainer
+    from rlfew.testing import save_tiny_pipeline
+
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        model = args.model or str(save_tiny_pipeline("sd3", Path(scratch) / "tiny-sd3"))
+        prompts = Path(scratch) / "prompts.txt"
+        prompts.write_text("a red circle\ntwo blue squares\na green triangle left of a yellow square\n")
+        for mode, overrides in {"inprocess": ["runtime.backend=inprocess"],
+                                "ray_colocated": ["runtime.backend=ray", "runtime.placement=colocated"],
+                                "ray_disaggregated": ["runtime.backend=ray", "runtime.placement=disaggregated"]}.items():
+            cfg = load_config(None, [f"model.source={model}", f"train.prompts={prompts}", f"eval.prompts={prompts}",
+                                     f"train.batch_size={args.batch_size}", f"train.steps={args.steps + 2}",
+                                     "train.sample_every=0", f"train.save_every={10**9}", "train.log_every=1",
+                                     f"run.output_dir={scratch}/runs", f"run.name={mode}", *overrides])
+            trainer = Trainer(cfg)
+            started = time.perf_counter()
+            trainer.start()
+            startup = time.perf_counter() - started
+            step_times = []
+            for step in range(args.steps + 2):
+                started = time.perf_counter()
+                trainer.iteration(step)
+                step_times.append(time.perf_counter() - started)
+            trainer.shutdown()
+            timed = sorted(step_times[2:])
+            results[mode] = {"startup_seconds": startup, "median_step_seconds": timed[len(timed) // 2],
+                             "mean_step_seconds": sum(timed) / len(timed)}
+    base = results["inprocess"]["median_step_seconds"]
+    for mode in results:
+        results[mode]["overhead_ratio_vs_inprocess"] = results[mode]["median_step_seconds"] / base
+    return _write(args.out, {"bench": "runtime", "method": "dmd", "batch_size": args.batch_size,
+                             "timed_steps": args.steps, "model": args.model or "tiny-sd3", "results": results,
+                             "environment": _environment()})
+
+
+def run_rewards_bench(args) -> int:
+    from rlfew.rewards import benchmark_rewards
+    from rlfew.rewards.tiny import build_tiny_rewards
+
+    with tempfile.TemporaryDirectory() as scratch:
+        specs = args.reward or [*build_tiny_rewards(scratch).values(), "jpeg", "world"]
+        report = benchmark_rewards(specs, batch_size=args.batch_size, image_size=args.image_size,
+                                   backward=args.backward)
+    report["environment"] = _environment()
+    return _write(args.out, report)
