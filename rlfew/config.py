@@ -117,6 +117,9 @@ class RewardEntry:
     name: str
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
+    # Ray runtime_env of this reward's worker (pip / py_modules / env_vars ...), so its dependencies
+    # never meet the trainer's.
+    runtime_env: dict[str, Any] | None = None
 
 
 @dataclass

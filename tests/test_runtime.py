@@ -178,3 +178,25 @@ def test_two_learners_average_gradients_over_gloo(recipe, tmp_path, ray_local):
     for key in states[0]:
         torch.testing.assert_close(states[0][key], states[1][key], atol=0, rtol=0)
     assert any(float(v.abs().sum()) > 0 for k, v in states[0].items() if "lora_B" in k), "the LoRA never moved"
+
+
+@pytest.mark.ray
+def test_a_reward_with_its_own_dependencies_scores_in_its_isolated_worker(recipe, tmp_path, ray_local):
+    """The reward module and the package it needs exist only in the reward worker's runtime_env."""
+    isolated = tmp_path / "modules"
+    (isolated / "probe_dependency").mkdir(parents=True)
+    (isolated / "probe_dependency" / "__init__.py").write_text('__version__ = "2.0"\n')
+    (isolated / "probe_rewards").mkdir()
+    (isolated / "probe_rewards" / "__init__.py").write_text(
+        "import probe_dependency\n\n"
+        "def dependency_major_version(images, prompts, **kwargs):\n"
+        "    return [float(probe_dependency.__version__.split('.')[0])] * len(prompts)\n")
+    with pytest.raises(ImportError):
+        import probe_dependency  # noqa: F401 - the main environment must not have it
+    # A worker-level runtime_env can carry pip / conda / env_vars; here its PYTHONPATH holds the modules.
+    reward = (f"reward=[{{name: 'probe_rewards:dependency_major_version', "
+              f"runtime_env: {{env_vars: {{PYTHONPATH: '{isolated}'}}}}}}]")
+    trainer = _trainer(recipe, tmp_path, "runtime.backend=ray", "run.name=isolated", "train.steps=2", reward)
+    assert trainer.run() == 0
+    records = _metrics(tmp_path / "isolated")
+    assert [r["reward/probe_rewards:dependency_major_version"] for r in records] == [2.0, 2.0]

@@ -130,12 +130,9 @@ class Trainer:
             self.rollout_workers = [_Actor(RolloutWorker, (self.cfg_dict, i), self._gpu_options(), self.backend)
                                     for i in range(self.cfg.runtime.num_rollout_workers)]
         for entry in self.cfg.reward:
-            options = dict(entry.options)
-            ray_options = {"num_cpus": 1}
-            runtime_env = options.pop("runtime_env", None)
-            if runtime_env:
-                ray_options["runtime_env"] = runtime_env
-            self.reward_workers[entry.name] = _Actor(RewardWorker, (entry.name, options), ray_options, self.backend)
+            ray_options = {"num_cpus": 1, **({"runtime_env": entry.runtime_env} if entry.runtime_env else {})}
+            self.reward_workers[entry.name] = _Actor(RewardWorker, (entry.name, entry.options), ray_options,
+                                                     self.backend)
         lead = self.learners[0]
         if self.resume_from is not None:
             from rlfew.checkpoint import load_checkpoint
