@@ -445,6 +445,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--algo", metavar="NAME", help="shortcut for algo.name=NAME (drops the recipe's "
                         "algo.options when the method changes)")
     parser.add_argument("--reward", metavar="SPEC", help="shortcut for the reward list, e.g. pickscore:1.0,hpsv2:0.5")
+    parser.add_argument("--model", metavar="SOURCE", help="shortcut for model.source (hub id, folder, world:NAME)")
     return parser
 
 
@@ -464,5 +465,7 @@ def config_from_args(args: argparse.Namespace, schema: type[Schema] = TrainConfi
         apply_overrides(data, [f"algo.name={args.algo}"], schema)
     if getattr(args, "reward", None):
         data["reward"] = parse_reward_spec(args.reward)
+    if getattr(args, "model", None):
+        data.setdefault("model", {})["source"] = args.model
     apply_overrides(data, [*args.overrides, *bare_overrides], schema)
     return config_from_dict(schema, data)
