@@ -63,8 +63,8 @@ def test_role_spec_asks_for_a_full_or_lora_critic():
     cfg = TrainConfig()
     cfg.critic.lora_rank = 0
     assert DMD.role_spec(cfg, DMD.Options())["critic"] == "full"
-    cfg.critic.lora_rank = 8
-    assert DMD.role_spec(cfg, DMD.Options()) == {"critic": "lora", "critic_lora_rank": 8}
+    cfg.critic.lora_rank, cfg.critic.lora_alpha = 8, 4.0
+    assert DMD.role_spec(cfg, DMD.Options()) == {"critic": "lora", "critic_lora_rank": 8, "critic_lora_alpha": 4.0}
 
 
 @pytest.mark.parametrize("family,generator_rank,critic_rank", ROLE_SETUPS)
