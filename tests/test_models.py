@@ -203,3 +203,20 @@ def test_generator_lora_keeps_its_gradient_when_other_roles_run_in_between(roles
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
     assert all(p.grad is None for p in roles.critic.trainable_parameters())
     roles.teacher.net.zero_grad(set_to_none=True)
+
+
+def test_collapsed_zero_text_tokens_equal_the_padded_context(tiny_pipeline_dir):
+    """SD3 without T5: one biased token computes what the pipeline's 256 zero-padding tokens compute."""
+    roles = build_roles(tiny_pipeline_dir("sd3"))
+    adapter, net = roles.adapter, roles.teacher.net
+    x0, noise, sigma = _state(roles)
+    x = add_noise(x0, noise, sigma)
+    collapsed = roles.teacher.predict(x, sigma, adapter.encode_prompts(PROMPTS), guidance=3.0).x0
+    assert adapter.encode_prompts(PROMPTS).embeds.shape[1] < 32
+    adapter.collapse_zero_tokens = False
+    adapter.clear_prompt_cache()
+    net.set_default_attn_processor()
+    padded_cond = adapter.encode_prompts(PROMPTS)
+    assert padded_cond.embeds.shape[1] > 256
+    torch.testing.assert_close(roles.teacher.predict(x, sigma, padded_cond, guidance=3.0).x0, collapsed,
+                               atol=1e-5, rtol=1e-4)

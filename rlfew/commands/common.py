@@ -49,4 +49,4 @@ def load_generator_role(model: str, lora: str | None = None, device: str = "auto
             raise UsageError(f"LoRA folder {lora!r} does not exist")
         pipeline.load_lora_weights(lora)
     adapter = make_adapter(pipeline, device)
-    return Role("generator", adapter, denoiser_of(pipeline))
+    return Role("generator", adapter, adapter.prepare_network(denoiser_of(pipeline)))

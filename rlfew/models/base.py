@@ -135,6 +135,11 @@ class FamilyAdapter(abc.ABC):
         """Encode distinct prompts in one batch with the pipeline's own `encode_prompt`."""
 
     # ---- denoiser ------------------------------------------------------------------------------------
+    def prepare_network(self, net: nn.Module) -> nn.Module:
+        """Adapt a denoiser to how this adapter calls it (e.g. attention processors); every role's network
+        goes through this once."""
+        return net
+
     def predict(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning,
                 guidance: float = 1.0, uncond: Conditioning | None = None) -> Prediction:
         """Denoiser prediction at canonical (x, σ), with classifier-free guidance when guidance != 1.

@@ -2,11 +2,57 @@
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusion3Pipeline
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from torch import nn
 
 from rlfew.errors import UsageError
 from rlfew.models.base import Conditioning, FamilyAdapter, Prediction, _work_dtype
+
+
+class CollapsedZeroTokensAttnProcessor(JointAttnProcessor2_0):
+    """`JointAttnProcessor2_0` for a context whose last token stands for `copies` identical tokens.
+
+    Without T5, SD3 pipelines pad the text context with `max_sequence_length` (256) zero rows. Identical keys
+    and values contribute `copies·exp(q·k)·v`, i.e. one key with its logit raised by log(copies), and identical
+    queries give identical outputs, so one token with that bias computes exactly what the padded context does.
+    """
+
+    def __init__(self, copies: int):
+        super().__init__()
+        self.log_copies = math.log(copies)
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args,
+                 **kwargs):
+        batch, image_tokens = hidden_states.shape[:2]
+
+        def heads(tensor, norm):
+            tensor = tensor.view(batch, -1, attn.heads, tensor.shape[-1] // attn.heads).transpose(1, 2)
+            return norm(tensor) if norm is not None else tensor
+
+        query = torch.cat([heads(attn.to_q(hidden_states), attn.norm_q),
+                           heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
+        key = torch.cat([heads(attn.to_k(hidden_states), attn.norm_k),
+                         heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
+        value = torch.cat([heads(attn.to_v(hidden_states), None),
+                           heads(attn.add_v_proj(encoder_hidden_states), None)], dim=2)
+        bias = torch.zeros(key.shape[2], dtype=query.dtype, device=query.device)
+        bias[-1] = self.log_copies
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.view(1, 1, 1, -1))
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1]).to(query.dtype)
+        out, context = out[:, :image_tokens], out[:, image_tokens:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return attn.to_out[1](attn.to_out[0](out)), context
+
+
+# What `StableDiffusion3Pipeline.encode_prompt` pads the context with when T5 is absent.
+SD3_ZERO_TEXT_TOKENS = inspect.signature(StableDiffusion3Pipeline.encode_prompt).parameters["max_sequence_length"].default
 
 
 class FlowAdapter(FamilyAdapter):
@@ -18,11 +64,19 @@ class FlowAdapter(FamilyAdapter):
         super().__init__(pipeline, device)
         self.num_train_timesteps = int(pipeline.scheduler.config.num_train_timesteps)
         self.default_shift = float(pipeline.scheduler.config.get("shift", 1.0))
+        # Without T5 the zero padding is collapsed into one token (exact; 5-20x fewer tokens for small models).
+        self.collapse_zero_tokens = getattr(pipeline, "text_encoder_3", None) is None
+
+    def prepare_network(self, net: nn.Module) -> nn.Module:
+        if self.collapse_zero_tokens:
+            net.set_attn_processor(CollapsedZeroTokensAttnProcessor(SD3_ZERO_TEXT_TOKENS))
+        return net
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=self.device,
             num_images_per_prompt=1, do_classifier_free_guidance=False,
+            max_sequence_length=1 if self.collapse_zero_tokens else SD3_ZERO_TEXT_TOKENS,
         )
         return Conditioning(embeds=embeds, pooled=pooled)
 

@@ -148,7 +148,7 @@ def build_roles(source: str, *, generator_source: str | None = None, generator_l
     for module in pipeline.components.values():
         if isinstance(module, nn.Module):
             module.requires_grad_(False)
-    teacher_net = denoiser_of(pipeline)
+    teacher_net = adapter.prepare_network(denoiser_of(pipeline))
     roles = ModelRoles(adapter=adapter, teacher=Role("teacher", adapter, teacher_net))
 
     if critic == "full":
@@ -157,7 +157,7 @@ def build_roles(source: str, *, generator_source: str | None = None, generator_l
 
     separate_generator = generator_source is not None and generator_source != source
     if separate_generator:
-        generator_net = load_denoiser(generator_source, teacher_net, DTYPES[dtype]).to(device)
+        generator_net = adapter.prepare_network(load_denoiser(generator_source, teacher_net, DTYPES[dtype]).to(device))
     elif generator_lora_rank > 0:
         generator_net = teacher_net  # the LoRA sits on the teacher; the teacher runs with adapters off
     else:
