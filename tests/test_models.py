@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from rlfew.errors import ModelLoadError, UsageError
 from rlfew.models import Prediction, add_noise, build_roles, load_pipeline, make_adapter
@@ -215,7 +216,7 @@ def test_collapsed_zero_text_tokens_equal_the_padded_context(tiny_pipeline_dir):
     assert adapter.encode_prompts(PROMPTS).embeds.shape[1] < 32
     adapter.collapse_zero_tokens = False
     adapter.clear_prompt_cache()
-    net.set_default_attn_processor()
+    net.set_attn_processor(JointAttnProcessor2_0())
     padded_cond = adapter.encode_prompts(PROMPTS)
     assert padded_cond.embeds.shape[1] > 256
     torch.testing.assert_close(roles.teacher.predict(x, sigma, padded_cond, guidance=3.0).x0, collapsed,
