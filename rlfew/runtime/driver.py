@@ -20,6 +20,7 @@ import numpy as np
 
 from rlfew.config import TrainConfig, config_to_dict, default_run_name
 from rlfew.errors import UsageError
+from rlfew.images import to_uint8
 from rlfew.run import RunDir
 from rlfew.runtime.workers import (SAMPLES_STREAM, Learner, PromptSource, RewardWorker, RolloutWorker,
                                    step_seed)
@@ -176,20 +177,21 @@ class Trainer:
         prompts = self.prompts.batch(step, cfg.train.batch_size * world)
         shards = [prompts[rank::world] for rank in range(world)]
         rollout_start = time.perf_counter()
+        decode = bool(self.reward_workers)  # images are only needed by reward workers
         if self.placement == "colocated":
-            outputs = [learner.call("rollout", step, shard) for learner, shard in zip(self.learners, shards)]
+            outputs = [learner.call("rollout", step, shard, decode) for learner, shard in zip(self.learners, shards)]
             outputs = [learner.fetch(out) for learner, out in zip(self.learners, outputs)]
-            images = np.concatenate([o["images"] for o in outputs])
+            images = np.concatenate([o["images"] for o in outputs]) if decode else None
             trajectories = [None] * world
         else:
             worker = self.rollout_workers[step % len(self.rollout_workers)]
-            trajectories = [self._with_restarts(worker, "rollout", lambda s=shard: worker.call("rollout", step, s),
+            trajectories = [self._with_restarts(worker, "rollout",
+                                                lambda s=shard: worker.call("rollout", step, s, decode),
                                                 on_restart=lambda: self._sync_rollout_weights(self.weights_version))
                             for shard in shards]
-            images = np.concatenate([(t.images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-                                     for t in trajectories])
+            images = np.concatenate([to_uint8(t.images) for t in trajectories]) if decode else None
         metrics = {"time/rollout": time.perf_counter() - rollout_start}
-        rewards = self._score(images, [p for shard in shards for p in shard]) if self.reward_workers else {}
+        rewards = self._score(images, [p for shard in shards for p in shard]) if decode else {}
         for name, values in rewards.items():
             metrics[f"reward/{name}"] = float(np.mean(values))
         train_start = time.perf_counter()

@@ -103,14 +103,14 @@ class Learner:
         self._last_rollout = None
 
     # ---- rollouts --------------------------------------------------------------------------------------
-    def rollout(self, step: int, prompts: list[str]) -> dict[str, Any]:
+    def rollout(self, step: int, prompts: list[str], decode: bool) -> dict[str, Any]:
         """Colocated rollout with the learner's own generator; keeps the trajectory for `train`, returns only
-        what the driver needs (uint8 images for reward workers and logs)."""
+        what the driver needs (uint8 images for reward workers, when `decode`)."""
         seed = step_seed(self.cfg.run.seed, step, ROLLOUT_STREAM) + self.rank
         self._last_rollout = _rollout(self.roles, self.cfg, prompts, seed,
                                       self.method_cls.rollout_sampler(self.cfg, self.options),
-                                      self.method_cls.stochastic_steps(self.cfg, self.options), decode=True)
-        return {"images": to_uint8(self._last_rollout.images)}
+                                      self.method_cls.stochastic_steps(self.cfg, self.options), decode=decode)
+        return {"images": to_uint8(self._last_rollout.images) if decode else None}
 
     def train(self, step: int, trajectory=None, rewards: dict[str, list[float]] | None = None) -> dict[str, float]:
         from rlfew.method import Batch
@@ -182,9 +182,9 @@ class RolloutWorker:
         self.weights_version = version
         return version
 
-    def rollout(self, step: int, prompts: list[str]):
+    def rollout(self, step: int, prompts: list[str], decode: bool):
         seed = step_seed(self.cfg.run.seed, step, ROLLOUT_STREAM)
-        trajectory = _rollout(self.roles, self.cfg, prompts, seed, self.sampler, self.stochastic_steps, decode=True)
+        trajectory = _rollout(self.roles, self.cfg, prompts, seed, self.sampler, self.stochastic_steps, decode=decode)
         return trajectory.to("cpu")
 
 
