@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/rlfew world demo
+	$(BIN)/rlfew train configs/world/dmd.yaml $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
