@@ -76,6 +76,24 @@ def test_resume_after_sigkill_continues_with_the_same_metrics(recipe, tmp_path):
     assert _losses(resumed) == _losses(straight)
 
 
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(recipe, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "rlfew.cli", "train", *recipe, "runtime.backend=inprocess",
+                            f"run.output_dir={tmp_path}", "run.name=interrupted", "train.steps=100000",
+                            "train.save_every=100000", "train.sample_every=0"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "interrupted" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr[-2000:]
+    saved = list((tmp_path / "interrupted" / "checkpoints").iterdir())
+    assert len(saved) == 1 and int(saved[0].name.split("_")[1]) >= 3
+    assert "saving a checkpoint" in stderr
+
+
 def test_bad_config_exits_2_and_writes_nothing(recipe, tmp_path, capsys):
     base = ["train", *recipe, "runtime.backend=inprocess", f"run.output_dir={tmp_path}"]
     cases = {
