@@ -7,7 +7,6 @@ from (seed, step), so a resumed run draws exactly what an uninterrupted one woul
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -97,7 +96,8 @@ class Learner:
         if self.cfg.reward and method_cls.reward_in_learner:
             from rlfew.rewards import load
 
-            reward = load([dataclasses.asdict(entry) for entry in self.cfg.reward])
+            # runtime_env belongs to a reward worker's process, not to the reward spec
+            reward = load([{"name": e.name, "weight": e.weight, "options": e.options} for e in self.cfg.reward])
         self.method = method_cls(self.roles, options, self.cfg, reward)
         self.method_cls, self.options = method_cls, options
         self._last_rollout = None
