@@ -161,7 +161,8 @@ class DMDR(DMD):
         step_index, x_in, sigma_in = self.generator_input(trajectory, rng)
         real_scale, with_reward = self.real_lora_scale(k), self.reward_active(k)
         metrics = {"generator_input_step": float(step_index), "generator_step": 0.0,
-                   "dynadg_real_lora_scale": real_scale, "dynars_mean": self.mean_noise_fraction(k, options.dm_sigma_range)}
+                   "dynadg_real_lora_scale": real_scale,
+                   "dynars_mean": self.mean_noise_fraction(k, options.dm_sigma_range)}
 
         if batch.step % options.ttur == 0:  # ---- generator turn
             x = roles.generator.predict(x_in, sigma_in, cond).x0  # the only call WITH grad
