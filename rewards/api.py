@@ -61,6 +61,17 @@ class Reward:
 
     __call__ = score
 
+    def to(self, device: str | torch.device) -> "Reward":
+        """Move the reward's networks (every torch module it holds) to `device`; returns self."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.nn.Module):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, Reward):
+                value.to(device)
+X
+            part.to(device)
+        return self
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, differentiable={self.differentiable})"
 

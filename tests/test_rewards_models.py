@@ -404,3 +404,12 @@ def test_benchmark_reports_throughput_per_reward(tiny):
     assert set(report["rewards"]) == {"pickscore", "jpeg"}
     assert report["rewards"]["pickscore"]["backward"] and not report["rewards"]["jpeg"]["backward"]
     assert all(entry["images_per_s"] > 0 for entry in report["rewards"].values())
+
+
+def test_reward_to_moves_every_network_of_single_and_multi_rewards(tiny):
+    specs = tiny[1]
+    multi = load([specs["pickscore"], specs["aesthetic"]])
+    multi.to("meta")
+    for reward, _ in multi.parts:
+        modules = [v for v in vars(reward).values() if isinstance(v, nn.Module)]
+        assert modules and all(p.device.type == "meta" for m in modules for p in m.parameters())

@@ -21,6 +21,7 @@ import numpy as np
 from rlfew.config import TrainConfig, config_to_dict, default_run_name
 from rlfew.errors import UsageError
 from rlfew.images import to_uint8
+from rlfew.method import get_method
 from rlfew.run import RunDir
 from rlfew.runtime.workers import (SAMPLES_STREAM, Learner, PromptSource, RewardWorker, RolloutWorker,
                                    step_seed)
@@ -130,7 +131,9 @@ class Trainer:
         if self.placement == "disaggregated":
             self.rollout_workers = [_Actor(RolloutWorker, (self.cfg_dict, i), self._gpu_options(), self.backend)
                                     for i in range(self.cfg.runtime.num_rollout_workers)]
-        for entry in self.cfg.reward:
+        # Methods that hold their reward in the learner report it themselves; no second copy in a worker.
+        logged_rewards = [] if get_method(self.cfg.algo.name).reward_in_learner else self.cfg.reward
+        for entry in logged_rewards:
             ray_options = {"num_cpus": 1, **({"runtime_env": entry.runtime_env} if entry.runtime_env else {})}
             self.reward_workers[entry.name] = _Actor(RewardWorker, (entry.name, entry.options), ray_options,
                                                      self.backend)

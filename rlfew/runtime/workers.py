@@ -98,6 +98,7 @@ class Learner:
 
             # runtime_env belongs to a reward worker's process, not to the reward spec
             reward = load([{"name": e.name, "weight": e.weight, "options": e.options} for e in self.cfg.reward])
+            reward.to(self.roles.adapter.device)
         self.method = method_cls(self.roles, options, self.cfg, reward)
         self.method_cls, self.options = method_cls, options
         self._last_rollout = None
