@@ -68,7 +68,7 @@ class Reward:
                 setattr(self, name, value.to(device))
             elif isinstance(value, Reward):
                 value.to(device)
-X
+        for part, _ in getattr(self, "parts", ()):  # a MultiReward's (reward, weight) pairs
             part.to(device)
         return self
 
