@@ -335,7 +335,7 @@ def reconstruction_report(vae: AutoencoderKL, seed: int, count: int = 256, batch
 
 @dataclasses.dataclass
 class DenoiserTrainConfig:
-    steps: int = 5500
+    steps: int = 6500
     batch_size: int = 32
     lr: float = 1e-3  # high for a short CPU run; qk-norm, warm-up and clipping keep it stable
     text_lr: float = 1e-3
