@@ -59,6 +59,7 @@ class DMDROptions:
     ttur: int = 5  # critic updates per generator update (DMDR: 5)
     real_guidance: float | None = None  # CFG scale of the real score; None: teacher.guidance
     reward_weight: float = 0.05  # λ (DMDR ImageNet: 0.05 on a cross-entropy; T2I: 0.1 per reward)
+    distillation_weight: float = 1.0  # weight of L_DMD; 0 is reward-only fine-tuning (the ReFL baseline)
     cold_start_steps: int = 0  # generator turns of pure DMD before the reward term joins
     decode_checkpointed: bool = False  # recompute the VAE decoder in backward (memory for compute)
     generator_input: Literal["renoised_x0", "rollout_state"] = "renoised_x0"  # DMDR's quirk / DMD2's state
@@ -77,7 +78,8 @@ class DMDROptions:
     def __post_init__(self):
         if self.ttur < 1:
             raise ConfigError(f"algo.options.ttur: must be >= 1, got {self.ttur}")
-        for name in ("reward_weight", "cold_start_steps", "fake_lora_scale", "real_lora_scale", "dynamic_steps"):
+        for name in ("reward_weight", "distillation_weight", "cold_start_steps", "fake_lora_scale",
+                     "real_lora_scale", "dynamic_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"algo.options.{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("dynars_start", "dynars_end"):
@@ -221,7 +223,7 @@ class DMDR(DMD):
         images = self.roles.adapter.decode(x, checkpointed=self.options.decode_checkpointed)
         scores = self.reward.score(images, prompts)
         reward_loss = -scores.mean()
-        total = distribution_matching + self.options.reward_weight * reward_loss
+        total = self.options.distillation_weight * distribution_matching + self.options.reward_weight * reward_loss
         metrics.update(reward=float(scores.detach().mean()), reward_loss=float(reward_loss.detach()),
                        generator_loss=float(total.detach()))
         return total, metrics

@@ -178,3 +178,14 @@ def test_construction_rejects_a_missing_or_non_differentiable_reward(tiny_pipeli
 def test_bad_options_name_the_key(bad, named):
     with pytest.raises(ConfigError, match=named):
         DMDR.Options(**bad)
+
+
+def test_distillation_weight_zero_is_reward_only_fine_tuning(tiny_pipeline_dir, tiny_pickscore):
+    """The reward-hacking baseline: with L_DMD weighted 0 the generator loss is λ·L_reward alone."""
+    method = build_method(tiny_pipeline_dir("sd3"), [tiny_pickscore], distillation_weight=0.0, reward_weight=0.3)
+    adapter = method.roles.adapter
+    x = torch.randn(len(PROMPTS), *adapter.latent_shape(64), generator=torch.Generator().manual_seed(0))
+    direction = torch.randn_like(x)
+    total, metrics = method.generator_loss(x, direction, PROMPTS, with_reward=True)
+    assert metrics["dmd_loss"] > 0
+    assert float(total) == pytest.approx(0.3 * metrics["reward_loss"], rel=1e-6)
