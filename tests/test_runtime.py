@@ -218,3 +218,25 @@ def test_a_reward_with_its_own_dependencies_scores_in_its_isolated_worker(recipe
     assert trainer.run() == 0
     records = _metrics(tmp_path / "isolated")
     assert [r["reward/probe_rewards:dependency_major_version"] for r in records] == [2.0, 2.0]
+
+
+def test_export_and_eval_read_a_runs_checkpoint(recipe, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    assert main(["train", *recipe, "train.steps=2", "runtime.backend=inprocess", f"run.output_dir={tmp_path}",
+                 "run.name=exportable", "train.sample_every=0"]) == 0
+    run_dir = tmp_path / "exportable"
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
+    merged = DiffusionPipeline.from_pretrained(tmp_path / "exported" / "merged", text_encoder_3=None, tokenizer_3=None,
+                                               local_files_only=True)
+    with_lora = DiffusionPipeline.from_pretrained(load_config(run_dir / "config.yaml").model.source,
+                                                  text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+    with_lora.load_lora_weights(tmp_path / "exported" / "lora")
+    for name, value in merged.transformer.state_dict().items():
+        assert torch.isfinite(value).all(), name
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(run_dir / "checkpoints" / "step_2"), "--steps", "2",
+                 "--max-prompts", "2", "--images-per-prompt", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["n_images"] == 4 and 0.0 <= report["accuracy"] <= 1.0 and report["fd"] >= 0
+    assert main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2

@@ -50,3 +50,30 @@ def load_generator_role(model: str, lora: str | None = None, device: str = "auto
         pipeline.load_lora_weights(lora)
     adapter = make_adapter(pipeline, device)
     return Role("generator", adapter, adapter.prepare_network(denoiser_of(pipeline)))
+
+
+def roles_from_checkpoint(checkpoint: str, device: str = "auto"):
+    """The generator (with its teacher) of a run's checkpoint: `runs/NAME/checkpoints/step_N`, or a run
+    directory for its latest checkpoint. The run's config.yaml says how the roles were built."""
+    from rlfew.checkpoint import latest_checkpoint, load_checkpoint
+    from rlfew.config import load_config
+    from rlfew.models import build_roles
+
+    path = Path(checkpoint)
+    if (path / "config.yaml").is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise UsageError(f"run directory {path} has no checkpoints")
+        path = latest
+    run_dir = path.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"{checkpoint} is not inside a run directory (no {run_dir / 'config.yaml'})")
+    cfg = load_config(run_dir / "config.yaml")
+    loaded = load_checkpoint(path)
+    if "generator" not in loaded.tensors:
+        raise UsageError(f"checkpoint {path} holds no generator weights")
+    roles = build_roles(cfg.model.source, generator_source=cfg.generator.source,
+                        generator_lora_rank=cfg.generator.lora_rank, lora_alpha=cfg.generator.lora_alpha,
+                        lora_targets=cfg.generator.lora_targets, device=resolve_device(device))
+    roles.generator.load_trainable_state_dict(loaded.tensors["generator"])
+    return roles

@@ -11,7 +11,9 @@ from pathlib import Path
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="evaluate a generator on world:eval (accuracy, fd, diversity)",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="diffusers folder, hub id, or world:teacher / world:student")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="diffusers folder, hub id, or world:teacher / world:student")
+    source.add_argument("--checkpoint", help="a run's checkpoint (runs/NAME/checkpoints/step_N) or run directory")
     parser.add_argument("--lora", help="LoRA folder from `rlfew export`")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--guidance", type=float, default=1.0, help="CFG scale (a multi-step teacher wants > 1)")
@@ -31,11 +33,16 @@ def run_eval(args) -> int:
     from rlfew.images import save_grid
 
     prompts = read_prompts(args.prompts, None)[: args.max_prompts]
-    role = load_generator_role(args.model, args.lora, args.device)
+    if args.checkpoint:
+        from rlfew.commands.common import roles_from_checkpoint
+
+        role = roles_from_checkpoint(args.checkpoint, args.device).generator
+    else:
+        role = load_generator_role(args.model, args.lora, args.device)
     start = time.perf_counter()
     metrics, images, expanded = evaluate_role(role, prompts, args.steps, args.images_per_prompt, args.seed,
                                               args.guidance, args.shift)
-    metrics.update(model=args.model, lora=args.lora, prompts=args.prompts, seed=args.seed,
+    metrics.update(model=args.model or args.checkpoint, lora=args.lora, prompts=args.prompts, seed=args.seed,
                    seconds=round(time.perf_counter() - start, 2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
