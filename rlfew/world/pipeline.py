@@ -493,7 +493,7 @@ def build_teacher(run: str | Path, out: str | Path, dtype: torch.dtype = torch.f
 
 @torch.no_grad()
 def measure_teacher(pipeline: str | Path | StableDiffusion3Pipeline = "world:teacher", prompts: str = "world:eval",
-                    steps: tuple[int, ...] = (50, 8, 4, 2, 1), guidance_scale: float = 4.0,
+                    steps: tuple[int, ...] = (50, 8, 4, 2, 1), guidance_scale: float = 3.0,
                     images_per_prompt: int = 4, seed: int = 0, batch_size: int = 32,
                     collapse_zero_tokens: bool = True) -> dict:
     """World-evaluator accuracy of plain `StableDiffusion3Pipeline` samples at each step count.
@@ -627,7 +627,7 @@ def register_world_cli(world_subparsers) -> None:
     measure.add_argument("--pipeline", default="world:teacher")
     measure.add_argument("--prompts", default="world:eval")
     measure.add_argument("--steps", default="50,8,4,2,1", help="comma-separated step counts")
-    measure.add_argument("--guidance", type=float, default=4.0)
+    measure.add_argument("--guidance", type=float, default=3.0)
     measure.add_argument("--images-per-prompt", type=int, default=4)
     measure.add_argument("--seed", type=int, default=0)
     measure.add_argument("--batch-size", type=int, default=32)
