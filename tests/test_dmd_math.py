@@ -7,7 +7,6 @@ method itself run unchanged on analytic teachers and small MLPs.
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

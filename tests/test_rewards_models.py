@@ -20,7 +20,7 @@ from rlfew.rewards import benchmark_rewards, load
 from rlfew.rewards.clip_rewards import PickScore, preprocess_images
 from rlfew.rewards.hpsv2 import (HPS_FILES, openai_clip_to_transformers, transformers_to_openai_clip)
 from rlfew.rewards.imagereward import load_tokenizer, original_to_transformers, transformers_to_original
-from rlfew.rewards.tiny import build_clip_tokenizer, build_tiny_clip, build_tiny_rewards
+from rlfew.rewards.tiny import build_clip_tokenizer, build_tiny_rewards
 
 PROMPTS = ["a photo of a red circle", "a blue square", "a photo of a red circle"]
 

@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -42,13 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 from rlfew.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from rlfew.errors import UsageError
+from rlfew.models.flow import SD3_ZERO_TEXT_TOKENS, CollapsedZeroTokensAttnProcessor
 from rlfew.run import MetricsLogger
 from rlfew.world.evaluator import accuracy_report, evaluate
 from rlfew.world.prompts import load_prompts, random_prompt
@@ -58,8 +56,6 @@ from rlfew.world.tokenizer import build_tokenizer
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 64
-# What plain `StableDiffusion3Pipeline.__call__` pads the text context with when T5 is absent.
-SD3_ZERO_TEXT_TOKENS = inspect.signature(StableDiffusion3Pipeline.__call__).parameters["max_sequence_length"].default
 
 
 # ------------------------------------------------------------------------------------------ architecture
@@ -146,39 +142,6 @@ def load_pipeline(path: str | Path, **kwargs) -> StableDiffusion3Pipeline:
 
 
 # ------------------------------------------------------------------------ collapsed zero text tokens
-
-class CollapsedZeroTokensAttnProcessor(JointAttnProcessor2_0):
-    """`JointAttnProcessor2_0` for a context whose last token stands for `copies` identical tokens.
-
-    Identical keys/values contribute `copies * exp(q.k) v` to attention, i.e. one key with its logit raised
-    by log(copies); identical queries give identical outputs, so nothing else changes.
-    """
-
-    def __init__(self, copies: int):
-        super().__init__()
-        self.log_copies = math.log(copies)
-
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        batch, image_tokens = hidden_states.shape[:2]
-
-        def heads(tensor, norm):
-            tensor = tensor.view(batch, -1, attn.heads, tensor.shape[-1] // attn.heads).transpose(1, 2)
-            return norm(tensor) if norm is not None else tensor
-
-        query = torch.cat([heads(attn.to_q(hidden_states), attn.norm_q),
-                           heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
-        key = torch.cat([heads(attn.to_k(hidden_states), attn.norm_k),
-                         heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
-        value = torch.cat([heads(attn.to_v(hidden_states), None), heads(attn.add_v_proj(encoder_hidden_states), None)], dim=2)
-        bias = torch.zeros(key.shape[2], dtype=query.dtype, device=query.device)
-        bias[-1] = self.log_copies
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.view(1, 1, 1, -1))
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * (query.shape[-1])).to(query.dtype)
-        out, context = out[:, :image_tokens], out[:, image_tokens:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](out)), context
-
 
 @contextlib.contextmanager
 def collapsed_zero_text_tokens(transformer: SD3Transformer2DModel, copies: int = SD3_ZERO_TEXT_TOKENS) -> Iterator[None]:
