@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import torch
+
 from rlfew.errors import UsageError
 from rlfew.models import ModelRoles
 from rlfew.models.loading import denoiser_component_name
@@ -28,8 +30,9 @@ def export_lora(roles: ModelRoles, out: str | Path) -> Path:
     return out
 
 
-def export_merged(roles: ModelRoles, out: str | Path) -> Path:
-    """A full diffusers folder whose denoiser is the generator (LoRA fused into a copy of the weights)."""
+def export_merged(roles: ModelRoles, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """A full diffusers folder whose denoiser is the generator (LoRA fused into a copy of the weights),
+    optionally cast to `dtype` (e.g. float16 for a smaller folder)."""
     pipeline = roles.adapter.pipeline
     component = denoiser_component_name(pipeline)
     generator = roles.generator
@@ -42,6 +45,8 @@ def export_merged(roles: ModelRoles, out: str | Path) -> Path:
     components = dict(pipeline.components)
     components[component] = net
     merged = type(pipeline)(**components)
+    if dtype is not None:
+        merged = copy.deepcopy(merged).to(dtype=dtype)  # leave the live roles' shared modules untouched
     out = Path(out)
     merged.save_pretrained(out)
     return out
