@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("sd3", "sd", "sd-v", "sdxl")
+TINY_FAMILIES = ("sd3", "sd", "sd-v", "sdxl", "flux")
 
 _WORDS = ("a an the and of left right above below red green blue yellow purple orange white black circle square "
           "triangle circles squares triangles one two three four cat dog photo picture big small").split()
@@ -72,6 +72,8 @@ def build_tiny_pipeline(family: str, seed: int = 0):
             text_encoder=CLIPTextModelWithProjection(_text_config()), tokenizer=tiny_tokenizer(),
             text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=tiny_tokenizer(),
             text_encoder_3=None, tokenizer_3=None)
+    if family == "flux":
+        return _tiny_flux()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing",
         steps_offset=1, prediction_type="v_prediction" if family == "sd-v" else "epsilon")
@@ -92,6 +94,25 @@ def build_tiny_pipeline(family: str, seed: int = 0):
     return StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=tiny_vae(4),
                                    text_encoder=CLIPTextModel(_text_config()), tokenizer=tiny_tokenizer(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _tiny_flux():
+    """Schnell-like FLUX (no guidance embedding): 8×8 latents of 16 channels packed 2×2 into 16 tokens of 64."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=False)
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 pad_token_id=0, eos_token_id=3, decoder_start_token_id=0))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    # Any fast tokenizer with pad/eos works for `_get_t5_prompt_embeds` (it pads to max_sequence_length).
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=tiny_vae(16, flow=True),
+                        text_encoder=CLIPTextModel(_text_config()), tokenizer=tiny_tokenizer(),
+                        text_encoder_2=t5, tokenizer_2=tiny_tokenizer())
 
 
 def save_tiny_pipeline(family: str, folder: str | Path, seed: int = 0) -> Path:

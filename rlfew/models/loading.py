@@ -11,6 +11,7 @@ import torch
 from rlfew.errors import ModelLoadError
 from rlfew.models.base import FamilyAdapter
 from rlfew.models.flow import FlowAdapter
+from rlfew.models.flux import FluxAdapter
 from rlfew.models.vp import VPAdapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,15 +69,18 @@ def load_pipeline(source: str, dtype: torch.dtype = torch.float32, device: str |
 
 def make_adapter(pipeline, device: str | torch.device = "cpu") -> FamilyAdapter:
     """Pick the family adapter from the pipeline's denoiser."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     denoiser = denoiser_of(pipeline)
+    if isinstance(denoiser, FluxTransformer2DModel):
+        return FluxAdapter(pipeline, device)
     if isinstance(denoiser, SD3Transformer2DModel):
         return FlowAdapter(pipeline, device)
     if isinstance(denoiser, UNet2DConditionModel):
         return VPAdapter(pipeline, device)
     raise ModelLoadError(f"unsupported denoiser {type(denoiser).__name__}; supported: SD3Transformer2DModel "
-                         f"(SD3/SD3.5), UNet2DConditionModel (SD1.5, SD2.1/SD-Turbo, SDXL/SDXL-Turbo)")
+                         f"(SD3/SD3.5), FluxTransformer2DModel (FLUX.1), UNet2DConditionModel "
+                         f"(SD1.5, SD2.1/SD-Turbo, SDXL/SDXL-Turbo)")
 
 
 def denoiser_of(pipeline) -> torch.nn.Module:

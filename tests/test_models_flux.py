@@ -1,0 +1,175 @@
+"""FLUX through a tiny real FluxPipeline: adapter conventions, roles, and equivalence with plain diffusers."""
+
+import pytest
+import torch
+
+from rlfew.export import export_lora
+from rlfew.models import FluxAdapter, add_noise, build_roles, load_pipeline, make_adapter
+from rlfew.sampling import Deterministic, sample
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
+
+
+@pytest.fixture(scope="module")
+def roles(tiny_pipeline_dir):
+    built = build_roles(tiny_pipeline_dir("flux"), generator_lora_rank=4, critic="lora", reference=True)
+    with torch.no_grad():
+        for name, param in built.teacher.net.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return built
+
+
+def _state(roles, batch=3, seed=0):
+    adapter = roles.adapter
+    gen = torch.Generator().manual_seed(seed)
+    shape = adapter.latent_shape(adapter.default_resolution)
+    x0 = torch.randn((batch, *shape), generator=gen)
+    noise = torch.randn((batch, *shape), generator=gen)
+    return x0, noise, torch.tensor([0.3, 0.6, 0.85][:batch])
+
+
+def test_make_adapter_picks_flux_and_keeps_unpacked_latents(roles):
+    adapter = roles.adapter
+    assert isinstance(adapter, FluxAdapter) and adapter.family == "flux"
+    assert adapter.latent_shape(64) == (16, 8, 8) and adapter.image_seq_len(64) == 16
+    x = torch.randn(2, 16, 8, 8)
+    packed = adapter.pack(x)
+    assert packed.shape == (2, 16, 64)
+    torch.testing.assert_close(adapter.unpack(packed, 8, 8), x, atol=0, rtol=0)
+    cond = adapter.encode_prompts(PROMPTS[:2])
+    assert cond.embeds.shape[:2] == (2, adapter.max_sequence_length) and cond.pooled.shape == (2, 32)
+    assert not cond.extra, "FLUX text ids are not per-sample"
+
+
+def test_prediction_parameterisations_are_consistent(roles):
+    x0, noise, sigma = _state(roles)
+    x = add_noise(x0, noise, sigma)
+    pred = roles.teacher.predict(x, sigma, roles.adapter.encode_prompts(PROMPTS))
+    s = sigma.view(-1, 1, 1, 1)
+    assert pred.x0.shape == x.shape
+    torch.testing.assert_close((1 - s) * pred.x0 + s * pred.eps, x, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pred.velocity, pred.eps - pred.x0)
+
+
+def test_oracle_network_output_recovers_x0_and_noise(roles):
+    """A network returning the true velocity, packed as FLUX outputs it, gives back the x0 and ε that made x."""
+    adapter = roles.adapter
+    x0, noise, sigma = _state(roles)
+    x = add_noise(x0, noise, sigma)
+    target = adapter.native_target(x0, noise, sigma)
+    seen = {}
+
+    class Oracle(torch.nn.Module):
+        dtype = torch.float32
+
+        def forward(self, hidden_states, timestep, **kwargs):
+            seen.update(hidden_states=hidden_states, timestep=timestep, **kwargs)
+            return (adapter.pack(target),)
+
+    pred = adapter.predict(Oracle(), x, sigma, adapter.encode_prompts(PROMPTS))
+    torch.testing.assert_close(pred.x0, x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pred.eps, noise, atol=1e-4, rtol=1e-4)
+    assert float(adapter.denoising_loss(pred, x0, noise, sigma).max()) < 1e-8
+    # FluxPipeline's conventions: timestep = σ (t/1000), packed tokens, (tokens, 3) image ids.
+    torch.testing.assert_close(seen["timestep"], sigma)
+    torch.testing.assert_close(seen["hidden_states"], adapter.pack(x))
+    assert seen["img_ids"].shape == (16, 3) and seen["txt_ids"].shape == (adapter.max_sequence_length, 3)
+    assert seen["guidance"] is None  # schnell-like: no guidance embedding
+
+
+def test_guidance_one_equals_conditional_and_cfg_formula(roles):
+    x0, noise, sigma = _state(roles)
+    x = add_noise(x0, noise, sigma)
+    adapter = roles.adapter
+    cond = adapter.encode_prompts(PROMPTS)
+    uncond = adapter.unconditional(len(PROMPTS))
+    conditional = roles.teacher.predict(x, sigma, cond)
+    torch.testing.assert_close(roles.teacher.predict(x, sigma, cond, guidance=1.0, uncond=uncond).x0,
+                               conditional.x0)
+    unconditional = roles.teacher.predict(x, sigma, uncond)
+    guided = roles.teacher.predict(x, sigma, cond, guidance=4.5)
+    torch.testing.assert_close(guided.x0, unconditional.x0 + 4.5 * (conditional.x0 - unconditional.x0),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_predictions_are_batch_size_invariant(roles):
+    x0, noise, sigma = _state(roles)
+    x = add_noise(x0, noise, sigma)
+    cond = roles.adapter.encode_prompts(PROMPTS)
+    batched = roles.generator.predict(x, sigma, cond, guidance=2.0)
+    for i in range(len(PROMPTS)):
+        single = roles.generator.predict(x[i:i + 1], sigma[i:i + 1], cond.index(slice(i, i + 1)), guidance=2.0)
+        torch.testing.assert_close(single.x0, batched.x0[i:i + 1], atol=1e-4, rtol=1e-4)
+
+
+def test_lora_roles_on_flux(roles):
+    x0, noise, sigma = _state(roles)
+    x = add_noise(x0, noise, sigma)
+    cond = roles.adapter.encode_prompts(PROMPTS)
+    net = roles.teacher.net
+    assert roles.generator.net is net and roles.critic.net is net and roles.reference.net is net
+    targets = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in net.named_parameters() if "lora_A" in n}
+    assert {"to_q", "to_k", "to_v"} <= targets
+    assert any("single_transformer_blocks" in n for n, _ in net.named_parameters() if "lora_A" in n)
+    base = roles.teacher.predict(x, sigma, cond).x0
+    assert (roles.generator.predict(x, sigma, cond).x0 - base).abs().max() > 1e-3
+    torch.testing.assert_close(roles.reference.predict(x, sigma, cond).x0, base, atol=0, rtol=0)
+    torch.testing.assert_close(roles.critic.predict(x, sigma, cond, lora_scale=0.0).x0, base, atol=0, rtol=0)
+    assert roles.generator.trainable_parameters() and roles.critic.trainable_parameters()
+
+
+def test_sigma_grid_follows_dynamic_shifting(tiny_pipeline_dir):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    adapter = make_adapter(load_pipeline(tiny_pipeline_dir("flux")))
+    grid = adapter.sigma_grid(4)
+    assert grid[0] == 1 and grid[-1] == 0 and bool((grid[:-1] > grid[1:]).all())
+    scheduler = adapter.pipeline.scheduler
+    mu = calculate_shift(16, 256, 4096, 0.5, 1.15)
+    scheduler.set_timesteps(sigmas=adapter.unshifted_grid(4).tolist(), mu=mu)
+    torch.testing.assert_close(grid.float(), scheduler.sigmas.float(), atol=1e-6, rtol=0)
+    # An explicit shift overrides with the static formula; a larger image shifts more (μ grows with tokens).
+    torch.testing.assert_close(adapter.sigma_grid(4, shift=1.0), torch.tensor([1, 0.75, 0.5, 0.25, 0],
+                                                                               dtype=torch.float64))
+    assert adapter.sigma_grid(4, resolution=1024)[2] > grid[2]
+
+
+def _flux_pipeline_latents(pipeline, adapter, noise, steps, guidance, prompts):
+    kwargs = dict(prompt=prompts, num_inference_steps=steps, sigmas=FluxAdapter.unshifted_grid(steps).tolist(),
+                  guidance_scale=adapter.embedded_guidance, output_type="latent", latents=adapter.pack(noise.clone()),
+                  height=64, width=64, max_sequence_length=adapter.max_sequence_length)
+    if guidance != 1.0:
+        kwargs.update(true_cfg_scale=guidance, negative_prompt=[""] * len(prompts))
+    with torch.no_grad():
+        packed = pipeline(**kwargs).images
+    return adapter.unpack(packed, *noise.shape[-2:])
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_deterministic_sampler_and_exported_lora_reproduce_flux_pipeline(guidance, tiny_pipeline_dir, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    base = tiny_pipeline_dir("flux")
+    prompts = PROMPTS[:2]
+    roles = build_roles(base, generator_lora_rank=4, lora_alpha=8)
+    with torch.no_grad():
+        for name, param in roles.generator.net.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    adapter = roles.adapter
+    noise = torch.randn(len(prompts), *adapter.latent_shape(64), generator=torch.Generator().manual_seed(0))
+    cond = adapter.encode_prompts(prompts)
+    with torch.no_grad():
+        ours = sample(roles.generator, cond, adapter.sigma_grid(4), Deterministic(), prompts=prompts, noise=noise,
+                      guidance=guidance, decode=False).final_latents
+        teacher = sample(roles.teacher, cond, adapter.sigma_grid(4), Deterministic(), prompts=prompts, noise=noise,
+                         guidance=guidance, decode=False).final_latents
+    assert (ours - teacher).abs().max() > 1e-3, "the LoRA must matter for this test to mean anything"
+
+    plain = DiffusionPipeline.from_pretrained(base, local_files_only=True)
+    torch.testing.assert_close(_flux_pipeline_latents(plain, adapter, noise, 4, guidance, prompts), teacher,
+                               atol=1e-4, rtol=1e-4)
+    plain.load_lora_weights(export_lora(roles, tmp_path / "lora"))
+    torch.testing.assert_close(_flux_pipeline_latents(plain, adapter, noise, 4, guidance, prompts), ours,
+                               atol=1e-4, rtol=1e-4)
