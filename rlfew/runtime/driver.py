@@ -242,6 +242,7 @@ class Trainer:
         resumed = self.resume_from is not None
         logger = self.run_dir.metrics_logger(resumed_step=self.start_step if resumed else None, fresh=not resumed)
         nonfinite_in_a_row = 0
+        interval: dict[str, list[float]] = {}
         step = self.start_step
         progress = tqdm(total=cfg.train.steps, initial=step, desc=f"rlfew train {cfg.algo.name}", unit="it",
                         dynamic_ncols=True, disable=None)
@@ -264,8 +265,12 @@ class Trainer:
                                 f"; the last good checkpoint is kept in {self.run_dir.checkpoints_dir}")
                     else:
                         nonfinite_in_a_row = 0
+                    for key, value in metrics.items():
+                        interval.setdefault(key, []).append(value)
                     if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                        logger.log(step, metrics)
+                        # Means over the interval: under TTUR, generator metrics exist only on some steps.
+                        logger.log(step, {key: float(np.mean(values)) for key, values in interval.items()})
+                        interval = {}
                     progress.update(1)
                     progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
                                           if "loss" in k or k.startswith("reward")})
