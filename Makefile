@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/rlfew train configs/world/dmd.yaml $(ARGS)
+	$(BIN)/rlfew train configs/world/dmdr.yaml $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
