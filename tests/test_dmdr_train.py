@@ -70,7 +70,6 @@ def assert_dmdr_ran(run_dir: Path, steps: int) -> list[dict]:
 # ------------------------------------------------------------------------------------ the headline command
 
 @pytest.mark.ray
-@pytest.mark.slow
 @pytest.mark.parametrize("reward", ["pickscore", "pickscore:1.0,world-clip:0.5"])
 def test_rlfew_train_dmdr_with_pickscore_through_ray(tiny_pipeline_dir, tiny_clip, prompts_file, tmp_path, reward):
     """`rlfew train --algo dmdr --reward ... --model <tiny SD-Turbo-shaped pipeline>` on Ray (the default backend),
