@@ -141,3 +141,13 @@ def backward_simulation_input(trajectory: Trajectory, rng: torch.Generator) -> t
     steps = trajectory.x0_preds.shape[1]
     k = int(torch.randint(steps, (1,), generator=rng, device=rng.device))
     return k, trajectory.states[:, k], float(trajectory.sigmas[k])
+
+
+def check_fraction_ranges(options, *names: str) -> None:
+    """Validate `[low, high]` noise-level fraction options, naming the offending key."""
+    from rlfew.errors import ConfigError
+
+    for name in names:
+        low_high = getattr(options, name)
+        if len(low_high) != 2 or not 0.0 <= low_high[0] < low_high[1] <= 1.0:
+            raise ConfigError(f"algo.options.{name}: expected [low, high] with 0 <= low < high <= 1, got {low_high}")

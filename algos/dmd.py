@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlfew.algos.common import (backward_simulation_input, critic_denoising_loss, dmd_direction, dmd_loss,
+from rlfew.algos.common import (backward_simulation_input, check_fraction_ranges, critic_denoising_loss,
+                                dmd_direction, dmd_loss,
                                 standard_normal, uniform_sigma_sampler)
 from rlfew.config import TrainConfig
 from rlfew.errors import ConfigError
@@ -51,11 +52,7 @@ class DMDOptions:
     def __post_init__(self):
         if self.ttur < 1:
             raise ConfigError(f"algo.options.ttur: must be >= 1, got {self.ttur}")
-        for name in ("dm_sigma_range", "critic_sigma_range"):
-            low_high = getattr(self, name)
-            if len(low_high) != 2 or not 0.0 <= low_high[0] < low_high[1] <= 1.0:
-                raise ConfigError(f"algo.options.{name}: expected [low, high] with 0 <= low < high <= 1, "
-                                  f"got {low_high}")
+        check_fraction_ranges(self, "dm_sigma_range", "critic_sigma_range")
 
 
 @register_method

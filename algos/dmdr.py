@@ -44,7 +44,8 @@ from typing import Literal
 
 import torch
 
-from rlfew.algos.common import (backward_simulation_input, critic_denoising_loss, dmd_direction, dmd_loss,
+from rlfew.algos.common import (backward_simulation_input, check_fraction_ranges, critic_denoising_loss,
+                                dmd_direction, dmd_loss,
                                 dynadg_real_lora_scale, dynars_beta, dynars_fractions, fraction_to_sigma,
                                 standard_normal, uniform_fractions)
 from rlfew.algos.dmd import DMD
@@ -86,11 +87,7 @@ class DMDROptions:
             a_b = getattr(self, name)
             if len(a_b) != 2 or min(a_b) <= 0:
                 raise ConfigError(f"algo.options.{name}: expected Beta parameters [a, b] > 0, got {a_b}")
-        for name in ("dm_sigma_range", "critic_sigma_range"):
-            low_high = getattr(self, name)
-            if len(low_high) != 2 or not 0.0 <= low_high[0] < low_high[1] <= 1.0:
-                raise ConfigError(f"algo.options.{name}: expected [low, high] with 0 <= low < high <= 1, "
-                                  f"got {low_high}")
+        check_fraction_ranges(self, "dm_sigma_range", "critic_sigma_range")
 
 
 @register_method

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlfew.commands.common import resolve_device
 from rlfew.config import TrainConfig, config_from_dict, resolve_algo_options
 from rlfew.images import to_uint8
 
@@ -26,10 +27,6 @@ def step_seed(seed: int, step: int, stream: int) -> int:
 
 
 ROLLOUT_STREAM, METHOD_STREAM, PROMPT_STREAM, SAMPLES_STREAM = range(4)
-
-
-def resolve_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def _pin_threads() -> None:
