@@ -46,11 +46,11 @@ def test_exported_lora_and_merged_reproduce_rlfew_samples(family, guidance, tiny
     absent = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}
     with_lora = DiffusionPipeline.from_pretrained(base, local_files_only=True, **absent)
     with_lora.load_lora_weights(export_lora(roles, tmp_path / "lora"))
-    torch.testing.assert_close(_diffusers_latents(with_lora, adapter, noise, 4, guidance), ours, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_diffusers_latents(with_lora, adapter, noise, 4, guidance), ours, atol=5e-4, rtol=1e-3)
 
     merged = DiffusionPipeline.from_pretrained(export_merged(roles, tmp_path / "merged"), local_files_only=True,
                                                **absent)
-    torch.testing.assert_close(_diffusers_latents(merged, adapter, noise, 4, guidance), ours, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_diffusers_latents(merged, adapter, noise, 4, guidance), ours, atol=5e-4, rtol=1e-3)
     # Exporting must not disturb the live generator (the merge works on a copy).
     assert roles.generator.net.active_adapters() == ["generator"]
 
