@@ -49,6 +49,7 @@ from rlfew.algos.common import (backward_simulation_input, check_fraction_ranges
                                 dynadg_real_lora_scale, dynars_beta, dynars_fractions, fraction_to_sigma,
                                 standard_normal, uniform_fractions)
 from rlfew.algos.dmd import DMD
+from rlfew.rewards.multi import MultiReward
 from rlfew.config import TrainConfig
 from rlfew.errors import ConfigError
 from rlfew.method import Batch, all_ranks_finite, register_method
@@ -218,7 +219,13 @@ class DMDR(DMD):
             metrics["generator_loss"] = metrics["dmd_loss"]
             return distribution_matching, metrics
         images = self.roles.adapter.decode(x, checkpointed=self.options.decode_checkpointed)
-        scores = self.reward.score(images, prompts)
+        if isinstance(self.reward, MultiReward):  # log each reward, optimise their weighted sum
+            by_name = self.reward.score_each(images, prompts)
+            scores = self.reward.weighted_sum(by_name)
+        else:
+            scores = self.reward.score(images, prompts)
+            by_name = {self.reward.name: scores}
+        metrics.update({f"reward/{name}": float(value.detach().mean()) for name, value in by_name.items()})
         reward_loss = -scores.mean()
         total = self.options.distillation_weight * distribution_matching + self.options.reward_weight * reward_loss
         metrics.update(reward=float(scores.detach().mean()), reward_loss=float(reward_loss.detach()),

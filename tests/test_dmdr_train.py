@@ -87,9 +87,9 @@ def test_rlfew_train_dmdr_with_pickscore_through_ray(tiny_pipeline_dir, tiny_cli
     run_dir = tmp_path / "runs" / "dmdr"
     records = assert_dmdr_ran(run_dir, steps=2)
     assert load_config(run_dir / "config.yaml").runtime.backend == "ray"
-    # The reward workers score every rollout for the logs, under each reward's own name.
+    # The learner logs each reward under its own name on its generator turns (no second copy in a worker).
     names = [part.split(":")[0] for part in reward.split(",")]
-    assert all(f"reward/{name}" in r for r in records for name in names)
+    assert all(any(f"reward/{name}" in r for r in records) for name in names)
     assert (run_dir / "checkpoints" / "step_2").is_dir() and (run_dir / "samples" / "step_2.png").is_file()
 
 
