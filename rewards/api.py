@@ -9,6 +9,8 @@ and the prompts, instead of training on silent zeros.
 
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 import importlib
 import importlib.metadata
@@ -31,7 +33,7 @@ def describe_prompts(prompts: Sequence[str], limit: int = 8) -> str:
     return f"[{shown}{f', ... and {hidden} more' if hidden > 0 else ''}]"
 
 
-class Reward:
+class Reward(abc.ABC):
     """Base class of all rewards. Subclasses set `name` and `differentiable` and implement `compute`.
 
     `score` (the public entry point) checks the inputs, calls `compute`, and validates its output:
@@ -44,8 +46,9 @@ class Reward:
     # built from an object that has no importable name (a lambda, a closure).
     spec: RewardSpec | None = None
 
+    @abc.abstractmethod
     def compute(self, images: torch.Tensor, prompts: list[str], **meta: Any) -> torch.Tensor | Sequence[float]:
-        raise NotImplementedError(f"{type(self).__name__} must implement compute(images, prompts, **meta)")
+        """Scores for a validated batch: Tensor[B] or B numbers."""
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], **meta: Any) -> torch.Tensor:
         prompts = list(prompts)
@@ -166,7 +169,7 @@ def _parse_one(text: str) -> RewardSpec:
         try:
             return RewardSpec(head, float(tail))
         except ValueError:
-            pass
+            pass  # the colon belongs to a `module:attr` name, not a weight
     return RewardSpec(text)
 
 

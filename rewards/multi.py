@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from rlfew.errors import UsageError
-from rlfew.rewards.api import Reward, RewardSpec, check_images
+from rlfew.rewards.api import Reward, RewardSpec
 
 
 class MultiReward(Reward):
@@ -37,15 +37,11 @@ class MultiReward(Reward):
     def score_each(self, images: torch.Tensor, prompts: Sequence[str], **meta: Any) -> dict[str, torch.Tensor]:
         return {reward.name: reward.score(images, prompts, **meta) for reward, _ in self.parts}
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str], **meta: Any) -> torch.Tensor:
-        prompts = list(prompts)
-        check_images(images, prompts, self.name)
+    def compute(self, images: torch.Tensor, prompts: list[str], **meta: Any) -> torch.Tensor:
         return self.weighted_sum(self.score_each(images, prompts, **meta))
 
     def weighted_sum(self, scores_by_name: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(weight * scores_by_name[reward.name] for reward, weight in self.parts)
-
-    __call__ = score
 
 
 def combine_advantages(rewards_by_name: Mapping[str, torch.Tensor], weights: Mapping[str, float],

@@ -32,7 +32,7 @@ ACTOR_RETRIES = 4
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Too many non-finite losses in a row (train.max_nonfinite_steps)."""
 
 
 class _Actor:
