@@ -7,14 +7,14 @@ Per iteration (N = ttur):
         x = G(x_k, σ_k)                                                   # the only call WITH grad
         σ ~ U[0.02, 0.98]; x_σ = add_noise(sg(x), ε, σ)                   # no_grad ...
         g = (F(x_σ) − T_cfg(x_σ; w_real)) / mean|x − T_cfg(x_σ)|          # ... to here
-        step G on ½·mse(x, sg(x − g))
+        step G on ½·mse(x, sg(x − g)) [+ λ_G·GAN_G(x)]
     else:
         x = the rollout's x̂0 at step k                                   # already computed without grad
-    step F on its denoising loss at σ' ~ U[0, 1] on sg(x)                # critic turn, every iteration
+    step F on its denoising loss at σ' ~ U[0, 1] on sg(x) [+ λ_D·GAN_D(sg(x), x_real)]   # every iteration
 
 Deviations from DMD2 (each says why):
-  * No GAN head. It needs real image latents, which a rollout Batch does not carry; the DM loss alone is DMD2's
-    "no GAN" configuration (SD1.5 stage 1).
+  * The GAN head (algos/gan.py, off unless gan_generator_weight > 0) reads the critic's bottleneck on its own
+    forward, stopped there, rather than sharing one UNet call with classification as DMD2's classify mode does.
   * Noise levels are continuous fractions of the training-time axis (algos/common.py), not integer t.
   * The critic may be a LoRA on the teacher (DMDR-style, cfg.critic.lora_rank > 0) as well as a full copy.
   * backward_simulation=False trains the first step only (k = 0, the prior sample at σ_max): DMD2 would instead
@@ -33,14 +33,15 @@ from rlfew.algos.common import (backward_simulation_input, check_fraction_ranges
                                 dmd_direction, dmd_loss,
                                 standard_normal, uniform_sigma_sampler)
 from rlfew.config import TrainConfig
-from rlfew.errors import ConfigError
+from rlfew.algos.gan import GANHead, GANOptions
+from rlfew.errors import ConfigError, UsageError
 from rlfew.method import Batch, all_ranks_finite, average_gradients, Method, register_method
 from rlfew.models import ModelRoles
 from rlfew.sampling import CPS, Sampler
 
 
 @dataclass
-class DMDOptions:
+class DMDOptions(GANOptions):
     ttur: int = 5  # critic updates per generator update (DMD2: 10 for SD1.5, 5 for SDXL)
     real_guidance: float | None = None  # CFG scale of the real score; None: teacher.guidance
     dm_sigma_range: list[float] = field(default_factory=lambda: [0.02, 0.98])  # fractions, see algos/common.py
@@ -53,6 +54,7 @@ class DMDOptions:
         if self.ttur < 1:
             raise ConfigError(f"algo.options.ttur: must be >= 1, got {self.ttur}")
         check_fraction_ranges(self, "dm_sigma_range", "critic_sigma_range")
+        self.check_gan_options()
 
 
 @register_method
@@ -70,7 +72,11 @@ class DMD(Method):
         train = cfg.train
         self.real_guidance = cfg.teacher.guidance if options.real_guidance is None else options.real_guidance
         self.generator_params = roles.generator.trainable_parameters()
-        self.critic_params = roles.critic.trainable_parameters()
+        self.gan = None
+        if options.gan_generator_weight > 0:
+            resolution = cfg.model.resolution or roles.adapter.default_resolution
+            self.gan = GANHead(roles.critic, options, roles.adapter.latent_shape(resolution))
+        self.critic_params = roles.critic.trainable_parameters() + (self.gan.parameters() if self.gan else [])
         self.generator_optimizer = torch.optim.AdamW(self.generator_params, lr=train.lr, betas=(0.9, 0.999),
                                                      weight_decay=train.weight_decay)
         self.critic_optimizer = torch.optim.AdamW(self.critic_params, lr=train.critic_lr, betas=(0.9, 0.999),
@@ -104,7 +110,10 @@ class DMD(Method):
             generator_loss = dmd_loss(x, direction)
             metrics["dmd_loss"] = float(generator_loss.detach())
             metrics["dmd_direction_abs_mean"] = float(direction.abs().mean())
-            if not all_ranks_finite(metrics["dmd_loss"]):
+            if self.gan is not None:
+                generator_loss = self._add_gan_generator_term(generator_loss, x, cond, rng, metrics)
+            metrics["generator_loss"] = float(generator_loss.detach())
+            if not all_ranks_finite(metrics["generator_loss"]):
                 self._zero_grads()
                 return metrics  # no optimiser steps; the trainer counts non-finite losses and aborts after N
             metrics["generator_grad_norm"] = self._update(generator_loss, "generator")
@@ -115,10 +124,27 @@ class DMD(Method):
 
         # ---- critic turn, every iteration
         critic_loss = critic_denoising_loss(roles.critic, critic_sample, cond, self.critic_sigmas, rng)
+        critic_loss = self._add_gan_critic_term(critic_loss, critic_sample, cond, rng, metrics)
         metrics["critic_loss"] = float(critic_loss.detach())
         if all_ranks_finite(metrics["critic_loss"]):
             metrics["critic_grad_norm"] = self._update(critic_loss, "critic")
         return metrics
+
+    def _add_gan_generator_term(self, loss: torch.Tensor, x: torch.Tensor, cond, rng,
+                                metrics: dict[str, float]) -> torch.Tensor:
+        adversarial = self.gan.generator_loss(x, cond, rng)
+        metrics["gan_generator_loss"] = float(adversarial.detach())
+        return loss + self.options.gan_generator_weight * adversarial
+
+    def _add_gan_critic_term(self, loss: torch.Tensor, fake: torch.Tensor, cond, rng,
+                             metrics: dict[str, float]) -> torch.Tensor:
+        """The critic loss plus λ_D·GAN_D (logging its parts into `metrics`); unchanged without a GAN head."""
+        if self.gan is None:
+            return loss
+        metrics["critic_denoising_loss"] = float(loss.detach())
+        adversarial, gan_metrics = self.gan.critic_loss(fake, cond, rng)
+        metrics.update(gan_metrics, gan_critic_loss=float(adversarial.detach()))
+        return loss + self.options.gan_critic_weight * adversarial
 
     def _update(self, loss: torch.Tensor, role: str) -> float:
         """Backward, clip and step one role (skipping the step when the gradient is not finite), then zero *both*
@@ -149,9 +175,12 @@ class DMD(Method):
     def state_dict(self) -> dict:
         """Role weights, optimiser states and update counters. Tensors are references (as torch's state_dict);
         a checkpoint writes them out at once."""
+        tensors = {"generator": self.roles.generator.trainable_state_dict(),
+                   "critic": self.roles.critic.trainable_state_dict()}
+        if self.gan is not None:
+            tensors["gan_head"] = {k: v.detach() for k, v in self.gan.head.state_dict().items()}
         return {
-            "tensors": {"generator": self.roles.generator.trainable_state_dict(),
-                        "critic": self.roles.critic.trainable_state_dict()},
+            "tensors": tensors,
             "state": {"generator_optimizer": self.generator_optimizer.state_dict(),
                       "critic_optimizer": self.critic_optimizer.state_dict(),
                       "updates": dict(self.updates)},
@@ -160,6 +189,11 @@ class DMD(Method):
     def load_state_dict(self, state: dict) -> None:
         self.roles.generator.load_trainable_state_dict(state["tensors"]["generator"])
         self.roles.critic.load_trainable_state_dict(state["tensors"]["critic"])
+        if self.gan is not None:
+            if "gan_head" not in state["tensors"]:
+                raise UsageError("the checkpoint has no GAN head; it was trained with "
+                                 "algo.options.gan_generator_weight=0, so resume it with that setting")
+            self.gan.head.load_state_dict(state["tensors"]["gan_head"])
         self.generator_optimizer.load_state_dict(state["state"]["generator_optimizer"])
         self.critic_optimizer.load_state_dict(state["state"]["critic_optimizer"])
         self.updates = {role: int(count) for role, count in state["state"]["updates"].items()}

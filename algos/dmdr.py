@@ -30,7 +30,8 @@ Deviations from DMDR's code (each says why):
   * L_reward is −mean(score) over the (weighted, for several rewards) reward, not the T2I code's hinge
     relu(0.7 − score): the hinge margin is specific to raw CLIP/HPS cosines; ALGORITHMS.md §2.4 specifies ReFL.
   * The generator step j is drawn once per batch (as DMD2's backward simulation), not per sample.
-  * No GAN head, continuous noise levels, zeroed non-finite directions: as algos/dmd.py.
+  * Continuous noise levels, zeroed non-finite directions, and DMD2's optional GAN head (off by default; DMDR
+    uses none): as algos/dmd.py.
 Not implemented (§6): reward-weighted DMD (Re-DMD) and the decoupled CFG-augmentation / distribution-matching
 split. Both need their own re-noising and teacher calls, and the split conflicts with DynaDG's single real score.
 """
@@ -49,6 +50,7 @@ from rlfew.algos.common import (backward_simulation_input, check_fraction_ranges
                                 dynadg_real_lora_scale, dynars_beta, dynars_fractions, fraction_to_sigma,
                                 standard_normal, uniform_fractions)
 from rlfew.algos.dmd import DMD
+from rlfew.algos.gan import GANOptions
 from rlfew.rewards.multi import MultiReward
 from rlfew.config import TrainConfig
 from rlfew.errors import ConfigError
@@ -57,7 +59,7 @@ from rlfew.models import Conditioning, ModelRoles
 
 
 @dataclass
-class DMDROptions:
+class DMDROptions(GANOptions):
     ttur: int = 5  # critic updates per generator update (DMDR: 5)
     real_guidance: float | None = None  # CFG scale of the real score; None: teacher.guidance
     reward_weight: float = 0.05  # λ (DMDR ImageNet: 0.05 on a cross-entropy; T2I: 0.1 per reward)
@@ -89,6 +91,7 @@ class DMDROptions:
             if len(a_b) != 2 or min(a_b) <= 0:
                 raise ConfigError(f"algo.options.{name}: expected Beta parameters [a, b] > 0, got {a_b}")
         check_fraction_ranges(self, "dm_sigma_range", "critic_sigma_range")
+        self.check_gan_options()
 
 
 @register_method
@@ -175,6 +178,9 @@ class DMDR(DMD):
                 direction = dmd_direction(x, x0_real, x0_fake, options.normalise, options.normaliser_eps)
             generator_loss, loss_metrics = self.generator_loss(x, direction, trajectory.prompts, with_reward)
             metrics.update(loss_metrics, reward_active=float(with_reward))
+            if self.gan is not None:
+                generator_loss = self._add_gan_generator_term(generator_loss, x, cond, rng, metrics)
+                metrics["generator_loss"] = float(generator_loss.detach())
             metrics["dmd_direction_abs_mean"] = float(direction.abs().mean())
             if not all_ranks_finite(metrics["generator_loss"]):
                 self._zero_grads()
@@ -186,6 +192,7 @@ class DMDR(DMD):
         critic_sample = trajectory.x0_preds[:, step_index]
         critic_sigmas = functools.partial(self.noise_levels, k=k, sigma_range=options.critic_sigma_range)
         critic_loss = critic_denoising_loss(roles.critic, critic_sample, cond, critic_sigmas, rng)
+        critic_loss = self._add_gan_critic_term(critic_loss, critic_sample, cond, rng, metrics)
         metrics["critic_loss"] = float(critic_loss.detach())
         if all_ranks_finite(metrics["critic_loss"]):
             metrics["critic_grad_norm"] = self._update(critic_loss, "critic")

@@ -65,6 +65,17 @@ def test_random_prompts_respect_their_split():
         random_prompt(rng, "nonsense")
 
 
+def test_category_weights_set_category_frequencies():
+    rng = np.random.default_rng(0)
+    weights = (0, 0, 1, 0, 0, 3)  # counting : position = 1 : 3, nothing else
+    categories = [parse_prompt(random_prompt(rng, category_weights=weights)).category for _ in range(2000)]
+    assert set(categories) == {"counting", "position"}
+    assert categories.count("position") / len(categories) == pytest.approx(0.75, abs=0.03)
+    for bad in ((1, 1), (1, 1, 1, 1, 1, -1), (0,) * 6):
+        with pytest.raises(UsageError, match="category_weights"):
+            random_prompt(rng, category_weights=bad)
+
+
 def test_scenes_satisfy_their_prompt_without_overlaps_and_perturbations_do_not():
     rng = np.random.default_rng(1)
     for category in CATEGORIES:

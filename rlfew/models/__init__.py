@@ -1,6 +1,6 @@
 """Model layer: family adapters (flow transformers incl. FLUX, VP UNets) and role-named networks over diffusers."""
 
-from rlfew.models.base import Conditioning, FamilyAdapter, Prediction, add_noise
+from rlfew.models.base import Conditioning, FamilyAdapter, Prediction, add_noise, tokens_to_map
 from rlfew.models.flow import FlowAdapter
 from rlfew.models.flux import FluxAdapter
 from rlfew.models.loading import DTYPES, load_pipeline, make_adapter, resolve_source

@@ -189,9 +189,23 @@ class FamilyAdapter(abc.ABC):
     def prior_sample(self, noise: torch.Tensor) -> torch.Tensor:
         """The sampler's starting state at σ_max for standard-normal `noise`."""
 
+    # ---- features for a discriminator ----------------------------------------------------------------
+    @abc.abstractmethod
+    def bottleneck(self, net: nn.Module) -> nn.Module:
+        """The block whose output a GAN head reads (DMD2 reads the UNet's mid block)."""
+
+    @abc.abstractmethod
+    def bottleneck_map(self, output, x: torch.Tensor) -> torch.Tensor:
+        """`bottleneck(net)`'s output for latents `x` as a (B, C, h, w) feature map."""
+
     # ---- latents <-> images --------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel along one side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = self.vae_scale_factor
         return (self.vae.config.latent_channels, resolution // factor, resolution // factor)
 
     @property
@@ -214,6 +228,15 @@ class FamilyAdapter(abc.ABC):
         posterior = self.vae.encode((images * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist
         latents = posterior.sample(generator)
         return (latents - (self.vae.config.shift_factor or 0.0)) * self.vae.config.scaling_factor
+
+
+def tokens_to_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Row-major image tokens (B, height·width, D), as patch embeddings and FLUX packing lay them out, as a
+    (B, D, height, width) map."""
+    batch, count, dim = tokens.shape
+    if count != height * width:
+        raise ValueError(f"{count} image tokens do not form a {height}x{width} grid")
+    return tokens.transpose(1, 2).reshape(batch, dim, height, width)
 
 
 def _cfg(output: torch.Tensor, batch: int, guidance: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import Attention, JointAttnProcessor2_
 from torch import nn
 
 from rlfew.errors import UsageError
-from rlfew.models.base import Conditioning, FamilyAdapter, Prediction, _work_dtype
+from rlfew.models.base import Conditioning, FamilyAdapter, Prediction, _work_dtype, tokens_to_map
 
 
 class CollapsedZeroTokensAttnProcessor(JointAttnProcessor2_0):
@@ -71,6 +71,15 @@ class FlowAdapter(FamilyAdapter):
         if self.collapse_zero_tokens:
             net.set_attn_processor(CollapsedZeroTokensAttnProcessor(SD3_ZERO_TEXT_TOKENS))
         return net
+
+    def bottleneck(self, net: nn.Module) -> nn.Module:
+        """The middle joint-attention block."""
+        return net.transformer_blocks[(len(net.transformer_blocks) - 1) // 2]
+
+    def bottleneck_map(self, output, x: torch.Tensor) -> torch.Tensor:
+        tokens = output[1]
+        patch = math.isqrt(x.shape[-2] * x.shape[-1] // tokens.shape[1])  # the transformer's patch_size
+        return tokens_to_map(tokens, x.shape[-2] // patch, x.shape[-1] // patch)
 
     def _encode(self, prompts: list[str]) -> Conditioning:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(

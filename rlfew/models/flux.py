@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rlfew.errors import UsageError
-from rlfew.models.base import Conditioning, Prediction, _work_dtype
+from rlfew.models.base import Conditioning, Prediction, _work_dtype, tokens_to_map
 from rlfew.models.flow import FlowAdapter
 
 
@@ -30,7 +30,6 @@ class FluxAdapter(FlowAdapter):
         self.collapse_zero_tokens = False  # FLUX always has its T5 encoder
         self.embedded_guidance = float(embedded_guidance)
         self.max_sequence_length = int(max_sequence_length)
-        self.vae_scale_factor = int(pipeline.vae_scale_factor)
 
     def prepare_network(self, net: nn.Module) -> nn.Module:
         return net
@@ -41,6 +40,13 @@ class FluxAdapter(FlowAdapter):
             prompt=prompts, prompt_2=prompts, device=self.device, num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length)
         return Conditioning(embeds=embeds, pooled=pooled)
+
+    def bottleneck(self, net: nn.Module) -> nn.Module:
+        """The middle double-stream block (its image tokens are the packed 2x2 latent patches)."""
+        return net.transformer_blocks[(len(net.transformer_blocks) - 1) // 2]
+
+    def bottleneck_map(self, output, x: torch.Tensor) -> torch.Tensor:
+        return tokens_to_map(output[1], x.shape[-2] // 2, x.shape[-1] // 2)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape

@@ -47,6 +47,11 @@ class VPAdapter(FamilyAdapter):
         return torch.from_numpy(t).reshape(sigma_flow.shape).to(sigma_flow.device)
 
     # ---- protocol ------------------------------------------------------------------------------------
+    def bottleneck(self, net: nn.Module) -> nn.Module:
+        return net.mid_block
+
+    def bottleneck_map(self, output, x: torch.Tensor) -> torch.Tensor:
+        return output
     def _encode(self, prompts: list[str]) -> Conditioning:
         if self.is_sdxl:
             embeds, _, pooled, _ = self.pipeline.encode_prompt(

@@ -161,10 +161,11 @@ def _step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step])
 
 
-def world_batch(seed: int, step: int, batch_size: int) -> tuple[list[str], torch.Tensor, np.random.Generator]:
+def world_batch(seed: int, step: int, batch_size: int, category_weights: tuple[float, ...] = ()
+                ) -> tuple[list[str], torch.Tensor, np.random.Generator]:
     """Step `step`'s world:train captions and fresh renders in [-1, 1]; the generator continues the step's stream."""
     rng = _step_rng(seed, step)
-    prompts = [random_prompt(rng, split="train") for _ in range(batch_size)]
+    prompts = [random_prompt(rng, split="train", category_weights=category_weights) for _ in range(batch_size)]
     images = render_batch(prompts, seed=int(rng.integers(2**62)), size=IMAGE_SIZE)
     return prompts, images * 2 - 1, rng
 
@@ -311,6 +312,9 @@ class DenoiserTrainConfig:
     ema_decay: float = 0.999
     ema_power: float = 2 / 3  # EMA warm-up: decay 1 - (1 + step)^-power, capped at ema_decay
     scheduler_shift: float = 2.0
+    # Caption categories in proportion to these (order of prompts.CATEGORIES); empty: uniform. Multi-object
+    # categories are the hard ones, and world:eval weighs them most.
+    category_weights: tuple[float, ...] = ()
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -377,7 +381,7 @@ def train_denoiser(config: DenoiserTrainConfig, vae_path: str | Path, out: str |
         window: list[float] = []
         started = time.perf_counter()
         for step in progress:
-            prompts, images, rng = world_batch(config.seed, step, config.batch_size)
+            prompts, images, rng = world_batch(config.seed, step, config.batch_size, config.category_weights)
             captions = ["" if drop else p for p, drop in zip(prompts, rng.random(len(prompts)) < config.caption_dropout)]
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             with torch.no_grad():
@@ -504,8 +508,8 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _int_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(","))
+def _number_tuple(text: str) -> tuple[int | float, ...]:
+    return tuple(int(part) if part.strip().isdigit() else float(part) for part in text.split(","))
 
 
 def _overrides(config, args: argparse.Namespace):
@@ -523,7 +527,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config) -> None:
         if field.name == "architecture":
             continue
         default = field.default
-        kind = _int_tuple if isinstance(default, tuple) else type(default)
+        kind = _number_tuple if isinstance(default, tuple) else type(default)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=kind, default=None,
                             help=f"default {shown}")

@@ -276,9 +276,17 @@ def load_prompts(spec: str) -> list[str]:
     return prompts
 
 
-def random_prompt(rng: np.random.Generator, category: str | None = None, split: str = "train") -> str:
-    """A caption drawn uniformly from `category` (or from a uniformly drawn category) of `split`."""
-    if category is None:
+def random_prompt(rng: np.random.Generator, category: str | None = None, split: str = "train",
+                  category_weights: tuple[float, ...] = ()) -> str:
+    """A caption drawn uniformly from `category` (or from a category drawn uniformly, or in proportion to
+    `category_weights`, one weight per entry of CATEGORIES) of `split`."""
+    if category is None and category_weights:
+        if len(category_weights) != len(CATEGORIES) or min(category_weights) < 0 or sum(category_weights) <= 0:
+            raise UsageError(f"category_weights {category_weights} must be {len(CATEGORIES)} non-negative numbers "
+                             f"(one per category: {', '.join(CATEGORIES)}) with a positive sum")
+        p = np.asarray(category_weights, dtype=float)
+        category = CATEGORIES[rng.choice(len(CATEGORIES), p=p / p.sum())]
+    elif category is None:
         category = CATEGORIES[rng.integers(len(CATEGORIES))]
     captions = category_captions(category, split)
     return captions[rng.integers(len(captions))]

@@ -1,0 +1,233 @@
+"""DMD2's optional GAN head (ALGORITHMS.md §1.4, algos/gan.py): the logistic losses against their closed forms,
+the critic's bottleneck features for every family, the head trained with the critic through real roles, resume,
+and the real-image sources (world renders, an image folder) with their errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rlfew.algos.gan import (DiscriminatorHead, GANOptions, bottleneck_features, discriminator_loss,
+                             generator_adversarial_loss)
+from rlfew.checkpoint import load_checkpoint, save_checkpoint
+from rlfew.config import TrainConfig
+from rlfew.errors import ConfigError, UsageError
+from rlfew.method import get_method
+from rlfew.models import build_roles, tokens_to_map
+from rlfew.real_images import ImageFolder, WorldRenders, load_real_images
+from rlfew.world.evaluator import evaluate
+
+from test_dmd_method import moved, run_iteration, snapshot, teacher_parameters
+
+
+def build_gan_method(source: str, critic_lora_rank: int = 0, ttur: int = 2, **gan_options):
+    cfg = TrainConfig()
+    cfg.model.source = source
+    cfg.generator.lora_rank, cfg.critic.lora_rank = 4, critic_lora_rank
+    cfg.generator.steps = 2
+    cfg.train.lr = cfg.train.critic_lr = 1e-3
+    method_cls = get_method("dmd")
+    options = method_cls.Options(ttur=ttur, **{"gan_generator_weight": 0.1, "gan_critic_weight": 1.0, **gan_options})
+    roles = build_roles(source, generator_lora_rank=4, lora_alpha=cfg.generator.lora_alpha, dtype=cfg.model.dtype,
+                        **method_cls.role_spec(cfg, options))
+    return method_cls(roles, options, cfg)
+
+
+# ------------------------------------------------------------------------------------------- losses
+
+def test_losses_match_their_closed_forms():
+    logits = torch.tensor([-2.0, 0.0, 3.0], requires_grad=True)
+    loss = generator_adversarial_loss(logits)
+    assert loss.item() == pytest.approx(np.mean(np.log1p(np.exp([2.0, 0.0, -3.0]))), rel=1e-6)
+    loss.backward()  # d/dl softplus(−l) = −sigmoid(−l): pushes D(fake) up
+    assert torch.allclose(logits.grad, -torch.sigmoid(-logits.detach()) / 3)
+    real, fake = torch.zeros(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    d_loss = discriminator_loss(real, fake)
+    assert d_loss.item() == pytest.approx(2 * math.log(2))
+    d_loss.backward()  # at 0 both sides get ±½ per element: real logits up, fake logits down
+    assert torch.allclose(real.grad, torch.full((4,), -0.5 / 4)) and torch.allclose(fake.grad, torch.full((4,), 0.5 / 4))
+    assert discriminator_loss(torch.full((2,), 30.0), torch.full((2,), -30.0)).item() < 1e-12  # a perfect D
+
+
+def test_gan_options_are_validated():
+    with pytest.raises(ConfigError, match="gan_critic_weight"):
+        get_method("dmd").Options(gan_critic_weight=-1.0)
+    with pytest.raises(ConfigError, match="gan_sigma_range"):
+        get_method("dmdr").Options(gan_sigma_range=[0.5, 0.2])
+    assert GANOptions().gan_generator_weight == 0.0  # off unless asked for
+
+
+def test_head_sizes_its_downsampling_to_the_feature_map():
+    assert DiscriminatorHead(64, spatial=8)(torch.randn(2, 64, 8, 8)).shape == (2, 1, 2, 2)  # two strided convs
+    assert DiscriminatorHead(12, spatial=2)(torch.randn(2, 12, 2, 2)).shape == (2, 1, 1, 1)  # capped at 1x1
+    assert DiscriminatorHead(12, spatial=1)(torch.randn(2, 12, 1, 1)).shape == (2, 1, 1, 1)
+    head = DiscriminatorHead(32, spatial=4)  # down to 1x1: the normalisation must not make the logit constant
+    logits = head(torch.randn(4, 32, 4, 4)).flatten()
+    assert logits.std() > 1e-3
+
+
+# --------------------------------------------------------------------------------- critic features
+
+def test_tokens_to_map_inverts_patch_embedding_flattening():
+    conv = torch.nn.Conv2d(4, 6, 2, stride=2)  # as diffusers' PatchEmbed: proj, then flatten(2).transpose(1, 2)
+    grid = conv(torch.randn(3, 4, 8, 6))
+    assert torch.equal(tokens_to_map(grid.flatten(2).transpose(1, 2), 4, 3), grid)
+    with pytest.raises(ValueError, match="grid"):
+        tokens_to_map(torch.zeros(1, 10, 6), 4, 3)
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd", "sdxl", "flux"])
+def test_bottleneck_features_are_the_middle_block_output_and_stop_the_forward(tiny_pipeline_dir, family):
+    roles = build_roles(tiny_pipeline_dir(family), critic="full")
+    critic, adapter = roles.critic, roles.adapter
+    x = torch.randn(2, *adapter.latent_shape(adapter.default_resolution))
+    cond = adapter.encode_prompts(["a red circle", "a blue square"])
+    block = adapter.bottleneck(critic.net)
+    seen = []
+    handle = block.register_forward_hook(lambda module, args, output: seen.append(output))
+    try:
+        critic.predict(x, 0.5, cond)  # a full forward, for reference
+    finally:
+        handle.remove()
+    reference = seen[0] if family in ("sd", "sdxl") else seen[0][1]
+    features = bottleneck_features(critic, x, torch.full((2,), 0.5), cond)
+    assert features.ndim == 4 and features.shape[0] == 2
+    assert torch.equal(features.flatten(2).transpose(1, 2) if family not in ("sd", "sdxl") else features,
+                       reference.float())
+    out_layer = critic.net.conv_out if family in ("sd", "sdxl") else critic.net.proj_out
+    calls = []
+    handle = out_layer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        bottleneck_features(critic, x, torch.full((2,), 0.5), cond)
+    finally:
+        handle.remove()
+    assert not calls  # the layers after the bottleneck never ran
+
+
+# ------------------------------------------------------------------------------------ in the method
+
+@pytest.mark.parametrize("family,critic_rank", [("sd3", 0), ("sd3", 4), ("sd", 0)])
+def test_gan_head_trains_with_the_critic_and_joins_the_generator_loss(tiny_pipeline_dir, family, critic_rank):
+    method = build_gan_method(tiny_pipeline_dir(family), critic_rank)
+    head = method.gan.parameters()
+    assert all(any(p is q for q in method.critic_params) for p in head)  # in the critic's optimiser
+    teacher = teacher_parameters(method)
+    teacher_before = snapshot(teacher.values())
+    rng = torch.Generator().manual_seed(0)
+    for step in range(4):
+        head_before = snapshot(head)
+        metrics = run_iteration(method, step, rng)
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+        assert moved(head_before, head)  # every critic turn trains the head
+        assert metrics["critic_loss"] == pytest.approx(
+            metrics["critic_denoising_loss"] + 1.0 * metrics["gan_critic_loss"], rel=1e-5)
+        if step % 2 == 0:
+            assert metrics["generator_loss"] == pytest.approx(
+                metrics["dmd_loss"] + 0.1 * metrics["gan_generator_loss"], rel=1e-5)
+    assert not moved(teacher_before, teacher.values())
+    assert method.updates == {"generator": 2, "critic": 4}
+
+
+def test_generator_gradient_carries_the_adversarial_term(tiny_pipeline_dir):
+    """With the DM direction switched off (its loss is then exactly 0), the generator still moves under λ_G > 0,
+    and only through the discriminator; with λ_G = 0 nothing would move it."""
+    method = build_gan_method(tiny_pipeline_dir("sd3"), gan_generator_weight=1.0)
+    method.options.dm_sigma_range = [0.5, 0.6]
+    import rlfew.algos.dmd as dmd_module
+
+    original = dmd_module.dmd_direction
+    dmd_module.dmd_direction = lambda x, *args, **kwargs: torch.zeros_like(x, dtype=torch.float64)
+    try:
+        before = snapshot(method.generator_params)
+        metrics = run_iteration(method, 0, torch.Generator().manual_seed(1))
+    finally:
+        dmd_module.dmd_direction = original
+    assert metrics["dmd_loss"] == 0.0 and metrics["gan_generator_loss"] > 0
+    assert moved(before, method.generator_params)
+
+
+def test_discriminator_learns_to_tell_world_renders_from_generator_samples(tiny_pipeline_dir):
+    """Critic turns only (the generator turn comes once): the head must separate real renders from the random
+    tiny generator's samples, i.e. D(real) ends well above D(fake)."""
+    method = build_gan_method(tiny_pipeline_dir("sd3"), ttur=10_000, gan_sigma_range=[0.0, 0.3])
+    rng = torch.Generator().manual_seed(0)
+    gaps = [(m["gan_real_logit"] - m["gan_fake_logit"]) for m in (run_iteration(method, s, rng) for s in range(30))]
+    assert np.mean(gaps[-5:]) > 1.0 > abs(np.mean(gaps[:1]))
+
+
+def test_resume_with_a_gan_head_is_bit_exact(tiny_pipeline_dir, tmp_path):
+    source = tiny_pipeline_dir("sd3")
+    original = build_gan_method(source)
+    rng = torch.Generator().manual_seed(0)
+    for step in range(3):
+        run_iteration(original, step, rng)
+    state = original.state_dict()
+    assert "gan_head" in state["tensors"]
+    checkpoint = load_checkpoint(save_checkpoint(tmp_path, 3, state["tensors"], state["state"], rng=False))
+    resumed = build_gan_method(source)
+    resumed.load_state_dict({"tensors": checkpoint.tensors, "state": checkpoint.state})
+    resumed_rng = torch.Generator().manual_seed(0)
+    resumed_rng.set_state(rng.get_state())
+    for step in (3, 4):
+        assert run_iteration(resumed, step, resumed_rng) == run_iteration(original, step, rng)
+    assert all(torch.equal(a, b) for a, b in zip(original.gan.parameters(), resumed.gan.parameters()))
+
+    without_head = {"tensors": {k: v for k, v in checkpoint.tensors.items() if k != "gan_head"},
+                    "state": checkpoint.state}
+    with pytest.raises(UsageError, match="no GAN head"):
+        build_gan_method(source).load_state_dict(without_head)
+
+
+def test_uncaptioned_folder_puts_real_and_fake_through_the_empty_prompt(tiny_pipeline_dir, tmp_path):
+    for index in range(3):
+        Image.fromarray(np.full((40, 24, 3), 60 * index, dtype=np.uint8)).save(tmp_path / f"{index}.png")
+    method = build_gan_method(tiny_pipeline_dir("sd3"), gan_real_images=str(tmp_path))
+    assert not method.gan.real_images.captioned
+    cond = method.roles.adapter.encode_prompts(["a red circle", "a blue square"])
+    empty = method.gan._fake_cond(cond)
+    assert torch.equal(empty.embeds, method.roles.adapter.unconditional(2).embeds)
+    metrics = run_iteration(method, 1, torch.Generator().manual_seed(0))  # a critic-only iteration
+    assert math.isfinite(metrics["gan_critic_loss"])
+
+
+# ------------------------------------------------------------------------------------- real images
+
+def test_world_renders_are_captioned_and_reproducible():
+    source = load_real_images("world:train")
+    assert isinstance(source, WorldRenders) and source.captioned
+    images, captions = source.sample(4, 64, torch.Generator().manual_seed(3))
+    again, captions_again = source.sample(4, 64, torch.Generator().manual_seed(3))
+    assert images.shape == (4, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(images, again) and captions == captions_again
+    assert all(result.correct for result in evaluate(images, captions))  # each render shows its caption
+
+
+def test_image_folder_resizes_crops_and_reads_sidecar_captions(tmp_path):
+    wide = np.zeros((20, 40, 3), dtype=np.uint8)
+    wide[:, 10:30] = 255  # a white centre band, exactly what a centre crop keeps
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.fromarray(np.full((16, 16, 3), 128, dtype=np.uint8)).save(tmp_path / "grey.jpg")
+    (tmp_path / "notes.md").write_text("not an image")
+    folder = ImageFolder(tmp_path)
+    assert len(folder) == 2 and not folder.captioned
+    crop = folder.load(folder.files.index(tmp_path / "wide.png"), 8)
+    assert crop.shape == (3, 8, 8) and crop.min() > 0.9
+    (tmp_path / "wide.txt").write_text("a wide band\n")
+    (tmp_path / "grey.txt").write_text("grey")
+    images, captions = ImageFolder(tmp_path).sample(5, 8, torch.Generator().manual_seed(0))
+    assert images.shape == (5, 3, 8, 8) and set(captions) <= {"a wide band", "grey"}
+
+
+def test_image_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_real_images(str(tmp_path / "missing"))
+    with pytest.raises(UsageError, match="holds no images"):
+        ImageFolder(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    folder = ImageFolder(tmp_path)
+    with pytest.raises(UsageError, match="broken.png"):
+        folder.sample(1, 8, torch.Generator().manual_seed(0))
+    with pytest.raises(UsageError, match="world:train"):
+        load_real_images("world:nowhere")
