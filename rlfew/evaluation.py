@@ -71,6 +71,7 @@ def evaluate_images(images: torch.Tensor, prompts: list[str], seed: int = 0) -> 
     groups = [unique.index(p) for p in prompts]
     return {
         "accuracy": report["accuracy"],
+        "image_accuracy": report["image_accuracy"],
         "accuracy_by_category": report["accuracy_by_category"],
         "check_accuracy": report["check_accuracy"],
         "fd": frechet_distance(generated.double().numpy(), reference.double().numpy()),

@@ -55,6 +55,15 @@ def test_renders_with_a_wrong_caption_score_low(rendered):
         assert accuracy <= 0.02, (category, accuracy)
 
 
+def test_overall_accuracy_is_the_category_mean_as_in_geneval():
+    images = render_batch(["a red circle", "a blue square"] + ["two circles"] * 3, seed=0)
+    prompts = ["a red circle", "a blue square"] + ["two circles", "three circles", "four circles"]  # 1/3 right
+    report = accuracy_report(evaluate(images, prompts))
+    assert report["accuracy_by_category"] == {"colour": 1.0, "counting": pytest.approx(1 / 3)}
+    assert report["accuracy"] == pytest.approx((1 + 1 / 3) / 2)
+    assert report["image_accuracy"] == pytest.approx(3 / 5)
+
+
 def test_an_extra_object_breaks_the_closed_world():
     two = render_prompt("a red circle and a blue square", seed=3)
     (result,) = evaluate([two], ["a red circle"])

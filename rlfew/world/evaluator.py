@@ -168,17 +168,21 @@ def evaluate(images, prompts: list[str]) -> list[EvalResult]:
 
 
 def accuracy_report(results: list[EvalResult]) -> dict:
-    """`accuracy` (share of images whose every claim holds), `accuracy_by_category`, `check_accuracy` (pass
-    rate per kind of check) and the counts they come from."""
+    """`accuracy`: GenEval's overall score, the mean over the categories present of each category's share of
+    images whose every claim holds (so a category's weight does not depend on how many prompts it has);
+    `image_accuracy`: the share over all images; `accuracy_by_category`; `check_accuracy` (pass rate per kind of
+    check); and the counts they come from."""
     by_category: dict[str, list[bool]] = defaultdict(list)
     by_check: dict[str, list[bool]] = defaultdict(list)
     for result in results:
         by_category[result.category].append(result.correct)
         for check in result.checks:
             by_check[check.kind].append(check.passed)
+    accuracy_by_category = {c: float(np.mean(v)) for c, v in by_category.items()}
     return {
-        "accuracy": float(np.mean([r.correct for r in results])) if results else float("nan"),
-        "accuracy_by_category": {c: float(np.mean(v)) for c, v in by_category.items()},
+        "accuracy": float(np.mean(list(accuracy_by_category.values()))) if results else float("nan"),
+        "image_accuracy": float(np.mean([r.correct for r in results])) if results else float("nan"),
+        "accuracy_by_category": accuracy_by_category,
         "check_accuracy": {k: float(np.mean(v)) for k, v in by_check.items()},
         "count": len(results),
         "count_by_category": {c: len(v) for c, v in by_category.items()},
