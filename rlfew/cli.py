@@ -9,36 +9,36 @@ import sys
 
 from rlfew.errors import UsageError
 
-# Modules that contribute subcommands; each defines `register_cli(subparsers)` and sets a `func` default
-# that takes the parsed args and returns an exit code.
-_COMMAND_MODULES = (
-    "rlfew.commands.train",
-    "rlfew.commands.sample",
-    "rlfew.commands.export",
-    "rlfew.commands.eval",
-    "rlfew.commands.bench",
-    "rlfew.world.commands",
-    "rlfew.rewards.commands",
-)
+# command -> (module whose `register_cli(subparsers)` adds it with a `func` default, one-line help). Only the
+# chosen command's module is imported, so a slow import (transformers) or a broken area never costs or breaks
+# the other commands.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("rlfew.commands.train", "train a few-step generator (DMD2, DMDR, ...) on Ray or in-process"),
+    "sample": ("rlfew.commands.sample", "few-step sampling into a captioned PNG grid"),
+    "export": ("rlfew.commands.export", "export a checkpoint's generator to diffusers"),
+    "eval": ("rlfew.commands.eval", "evaluate a generator on world:eval (accuracy, fd, diversity)"),
+    "bench": ("rlfew.commands.bench", "benchmarks that write JSON (sampling, runtime, rewards)"),
+    "world": ("rlfew.world.commands", "the embedded offline world: render, train its models"),
+    "rewards": ("rlfew.rewards.commands", "list rewards, score a folder of images"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlfew", description=__doc__)
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with `command`'s full subcommand tree and a help-only entry for every other command."""
+    parser = argparse.ArgumentParser(prog="rlfew", description="RL post-training for few-step image generators.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if not module_name.startswith(err.name or "?"):  # a real import error inside an existing module
-                raise
-            continue
-        module.register_cli(subparsers)
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name == command:
+            importlib.import_module(module_name).register_cli(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((token for token in argv if token in COMMANDS), None))
     args, extra = parser.parse_known_args(argv)
     if extra:
         # `key=value` overrides may follow options (`rlfew train cfg.yaml --algo dmd train.steps=5`).

@@ -19,9 +19,20 @@ def test_every_package_folder_is_listed():
     assert config["package-dir"] == {"rlfew": "rlfew", "rlfew.rewards": "rewards", "rlfew.algos": "algos"}
 
 
-def test_the_cli_lists_every_command():
-    from rlfew.cli import build_parser
+def test_the_cli_lists_every_command_and_imports_only_the_chosen_one():
+    import importlib
+    import subprocess
+    import sys
 
-    parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices
-    assert {"train", "eval", "sample", "export", "world", "rewards"} <= set(commands)
+    from rlfew.cli import COMMANDS, build_parser
+
+    assert {"train", "eval", "sample", "export", "world", "rewards", "bench"} == set(COMMANDS)
+    for command, (module_name, help_text) in COMMANDS.items():
+        parser = build_parser(command)
+        chosen = parser._subparsers._group_actions[0].choices[command]
+        assert chosen.get_default("func") is not None or chosen._subparsers is not None, command
+        listed = {a.dest: a.help for a in parser._subparsers._group_actions[0]._choices_actions}
+        assert listed[command] == help_text, command  # the static help matches what the module registers
+        assert importlib.import_module(module_name)
+    probe = "import sys; from rlfew.cli import build_parser; build_parser('export'); print('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
