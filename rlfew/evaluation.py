@@ -40,14 +40,15 @@ def generate(role: Role, prompts: list[str], steps: int, seed: int, guidance: fl
              shift: float | None = None, resolution: int | None = None) -> torch.Tensor:
     """Deterministic few-step samples, image i seeded by (seed, i) so results do not depend on batch size."""
     adapter = role.adapter
-    shape = adapter.latent_shape(resolution or adapter.default_resolution)
+    resolution = resolution or adapter.default_resolution
+    shape = adapter.latent_shape(resolution)
     images = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i))
                                  for i in range(len(chunk))]).to(adapter.device)
-            trajectory = sample(role, adapter.encode_prompts(chunk), adapter.sigma_grid(steps, shift), Deterministic(),
+            trajectory = sample(role, adapter.encode_prompts(chunk), adapter.sigma_grid(steps, shift, resolution), Deterministic(),
                                 prompts=chunk, noise=noise, guidance=guidance)
             images.append(trajectory.images.cpu())
     return torch.cat(images)

@@ -135,6 +135,23 @@ def test_sigma_grid_follows_dynamic_shifting(tiny_pipeline_dir):
     assert adapter.sigma_grid(4, resolution=1024)[2] > grid[2]
 
 
+def test_rollouts_at_another_resolution_use_that_resolutions_grid(tiny_pipeline_dir):
+    """The trainer's rollout samples cfg.model.resolution on the dynamic-shift grid of that many image tokens."""
+    from rlfew.config import TrainConfig
+    from rlfew.runtime.workers import _rollout
+
+    roles = build_roles(tiny_pipeline_dir("flux"))
+    adapter = roles.adapter
+    cfg = TrainConfig()
+    cfg.generator.steps = 2
+    cfg.model.resolution = 2 * adapter.default_resolution
+    trajectory = _rollout(roles, cfg, ["a red circle"], seed=0, sampler=Deterministic(), stochastic_steps=None,
+                          decode=False)
+    assert trajectory.states.shape[-1] == adapter.latent_shape(cfg.model.resolution)[-1]
+    torch.testing.assert_close(trajectory.sigmas.double(), adapter.sigma_grid(2, resolution=cfg.model.resolution))
+    assert trajectory.sigmas[1] > adapter.sigma_grid(2)[1]  # more tokens shift the grid up
+
+
 def _flux_pipeline_latents(pipeline, adapter, noise, steps, guidance, prompts):
     kwargs = dict(prompt=prompts, num_inference_steps=steps, sigmas=FluxAdapter.unshifted_grid(steps).tolist(),
                   guidance_scale=adapter.embedded_guidance, output_type="latent", latents=adapter.pack(noise.clone()),

@@ -49,7 +49,7 @@ def run_sample(args) -> int:
     start = time.perf_counter()
     with torch.no_grad():
         cond = adapter.encode_prompts(all_prompts)
-        trajectory = sample(generator_role, cond, adapter.sigma_grid(args.steps, args.shift), sampler,
+        trajectory = sample(generator_role, cond, adapter.sigma_grid(args.steps, args.shift, resolution), sampler,
                             prompts=all_prompts, generator=rng, latent_shape=adapter.latent_shape(resolution),
                             guidance=args.guidance)
     seconds = time.perf_counter() - start

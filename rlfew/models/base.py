@@ -182,8 +182,9 @@ class FamilyAdapter(abc.ABC):
         """The largest σ the network is trained on (where sampling starts)."""
 
     @abc.abstractmethod
-    def sigma_grid(self, steps: int, shift: float | None = None) -> torch.Tensor:
-        """Few-step grid (steps + 1 values, descending from σ_max, ending at 0)."""
+    def sigma_grid(self, steps: int, shift: float | None = None, resolution: int | None = None) -> torch.Tensor:
+        """Few-step grid (steps + 1 values, descending from σ_max, ending at 0) for images of `resolution` pixels
+        (None: the model's own); only resolution-dependent schedules (FLUX's dynamic shift) read it."""
 
     @abc.abstractmethod
     def prior_sample(self, noise: torch.Tensor) -> torch.Tensor:

@@ -108,7 +108,7 @@ class FlowAdapter(FamilyAdapter):
     def sigma_max(self) -> float:
         return 1.0
 
-    def sigma_grid(self, steps: int, shift: float | None = None) -> torch.Tensor:
+    def sigma_grid(self, steps: int, shift: float | None = None, resolution: int | None = None) -> torch.Tensor:
         """u_k = 1 − k/K (k < K) warped by the scheduler's shift, σ(u) = s·u / (1 + (s − 1)·u), then 0.
 
         Passing the unwarped u_k as `sigmas=` to the diffusers pipeline reproduces this grid exactly.

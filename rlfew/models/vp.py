@@ -92,7 +92,7 @@ class VPAdapter(FamilyAdapter):
     def sigma_max(self) -> float:
         return float(self._flow_sigma_table[-1])
 
-    def sigma_grid(self, steps: int, shift: float | None = None) -> torch.Tensor:
+    def sigma_grid(self, steps: int, shift: float | None = None, resolution: int | None = None) -> torch.Tensor:
         """Trailing timesteps, as diffusers' schedulers space them (K=4: 999, 749, 499, 249; DMD2's grid), then 0."""
         if steps < 1:
             raise UsageError(f"steps must be >= 1, got {steps}")

@@ -65,7 +65,7 @@ def _rollout(roles, cfg: TrainConfig, prompts: list[str], seed: int, sampler, st
     resolution = cfg.model.resolution or adapter.default_resolution
     with torch.no_grad():
         cond = adapter.encode_prompts(prompts)
-        return sample(roles.generator, cond, adapter.sigma_grid(cfg.generator.steps, cfg.generator.shift), sampler,
+        return sample(roles.generator, cond, adapter.sigma_grid(cfg.generator.steps, cfg.generator.shift, resolution), sampler,
                       prompts=prompts, generator=rng, latent_shape=adapter.latent_shape(resolution),
                       stochastic_steps=stochastic_steps, decode=decode)
 
@@ -146,7 +146,7 @@ class Learner:
         resolution = self.cfg.model.resolution or adapter.default_resolution
         with torch.no_grad():
             trajectory = sample(self.roles.generator, adapter.encode_prompts(prompts),
-                                adapter.sigma_grid(steps or self.cfg.generator.steps, self.cfg.generator.shift),
+                                adapter.sigma_grid(steps or self.cfg.generator.steps, self.cfg.generator.shift, resolution),
                                 Deterministic(), prompts=prompts, generator=rng,
                                 latent_shape=adapter.latent_shape(resolution))
         return to_uint8(trajectory.images)
