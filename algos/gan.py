@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlfew.algos.common import check_fraction_ranges, standard_normal, uniform_sigma_sampler
-from rlfew.errors import ConfigError
+from rlfew.errors import ConfigError, UsageError
 from rlfew.models import Conditioning, Role
 from rlfew.real_images import load_real_images
 
@@ -38,6 +38,11 @@ class GANOptions:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"algo.options.{name}: must be >= 0, got {getattr(self, name)}")
         check_fraction_ranges(self, "gan_sigma_range")
+        if self.gan_generator_weight > 0:  # fail before a run directory exists, naming the key
+            try:
+                load_real_images(self.gan_real_images)
+            except UsageError as err:
+                raise ConfigError(f"algo.options.gan_real_images: {err}") from err
 
 
 def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:

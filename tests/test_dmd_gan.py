@@ -57,6 +57,8 @@ def test_gan_options_are_validated():
     with pytest.raises(ConfigError, match="gan_sigma_range"):
         get_method("dmdr").Options(gan_sigma_range=[0.5, 0.2])
     assert GANOptions().gan_generator_weight == 0.0  # off unless asked for
+    with pytest.raises(ConfigError, match="gan_real_images.*does not exist"):
+        get_method("dmd").Options(gan_generator_weight=1e-3, gan_real_images="/nowhere/images")
 
 
 def test_head_sizes_its_downsampling_to_the_feature_map():
