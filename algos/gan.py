@@ -128,7 +128,8 @@ class GANHead:
                     ) -> tuple[torch.Tensor, dict[str, float]]:
         images, captions = self.real_images.sample(fake.shape[0], self.resolution, rng)
         real = self.adapter.encode_images(images.to(self.adapter.device), generator=rng).to(fake.dtype)
-        real_cond = self.adapter.encode_prompts(captions) if captions is not None else self._fake_cond(cond)
+        real_cond = (self.adapter.encode_prompts(captions, cache=False) if captions is not None
+                     else self._fake_cond(cond))
         fake_logits = self.logits(fake.detach(), self._fake_cond(cond), rng)
         real_logits = self.logits(real, real_cond.to(device=fake.device), rng)
         metrics = {"gan_real_logit": float(real_logits.detach().mean()),

@@ -194,6 +194,17 @@ def test_uncaptioned_folder_puts_real_and_fake_through_the_empty_prompt(tiny_pip
     assert math.isfinite(metrics["gan_critic_loss"])
 
 
+def test_real_captions_are_encoded_without_growing_the_prompt_cache(tiny_pipeline_dir):
+    method = build_gan_method(tiny_pipeline_dir("sd3"))  # world renders: captioned
+    adapter = method.roles.adapter
+    cached = set(adapter._prompt_cache)
+    run_iteration(method, 1, torch.Generator().manual_seed(0))
+    assert set(adapter._prompt_cache) == cached | {"a red circle", "two blue squares"}  # the batch's prompts only
+    fresh = adapter.encode_prompts(["a green circle"], cache=False)
+    assert "a green circle" not in adapter._prompt_cache
+    assert torch.equal(fresh.embeds, adapter.encode_prompts(["a green circle"]).embeds)
+
+
 # ------------------------------------------------------------------------------------- real images
 
 def test_world_renders_are_captioned_and_reproducible():

@@ -112,16 +112,18 @@ class FamilyAdapter(abc.ABC):
 
     # ---- prompts -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """Encode prompts, cached per prompt.
+    def encode_prompts(self, prompts: list[str], cache: bool = True) -> Conditioning:
+        """Encode prompts, cached per prompt (`cache=False`: kept only for this call, e.g. the captions of a large
+        real-image dataset).
 
         Each new prompt is encoded on its own: a batched text encoder's output depends (at float rounding) on
         what else is in the batch, and a resumed run must see bit-identical conditioning.
         """
-        for prompt in dict.fromkeys(prompts):
-            if prompt not in self._prompt_cache:
-                self._prompt_cache[prompt] = self._encode([prompt])
-        return Conditioning.cat([self._prompt_cache[p] for p in prompts])
+        encoded = {p: self._prompt_cache[p] if p in self._prompt_cache else self._encode([p])
+                   for p in dict.fromkeys(prompts)}
+        if cache:
+            self._prompt_cache.update(encoded)
+        return Conditioning.cat([encoded[p] for p in prompts])
 
     def unconditional(self, batch_size: int) -> Conditioning:
         """The empty-prompt conditioning used as the CFG unconditional branch (as the diffusers pipelines do)."""
