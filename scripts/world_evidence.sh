@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the DMDR evidence table in README.md ("DMDR on the embedded world"): the world teacher at 50
-# steps, world:student, and three continuations of the student for the same number of iterations (DMD only,
-# reward only, DMDR), each evaluated with `rlfew eval` on world:eval at 4 steps.
+# steps, world:student, and four continuations of the student for the same number of iterations (DMD only,
+# DMD with the GAN head, reward only, DMDR), each evaluated with `rlfew eval` on world:eval at 4 steps.
 # Usage: scripts/world_evidence.sh [ITERATIONS] [OUT_DIR]   (defaults: 300, runs/evidence)
 set -euo pipefail
 iterations=${1:-300}
@@ -18,10 +18,12 @@ for steps in 4 2 1; do
 done
 
 "$rlfew" train configs/world/dmdr.yaml --algo dmd "${common[@]}" run.name=dmd-only critic.lora_rank=0
+"$rlfew" train configs/world/dmdr.yaml --algo dmd "${common[@]}" run.name=dmd-gan critic.lora_rank=0 \
+  algo.options.gan_generator_weight=5.0e-3
 "$rlfew" train configs/world/dmdr.yaml "${common[@]}" run.name=reward-only algo.options.distillation_weight=0 \
   algo.options.cold_start_steps=0
 "$rlfew" train configs/world/dmdr.yaml "${common[@]}" run.name=dmdr
-for run in dmd-only reward-only dmdr; do
+for run in dmd-only dmd-gan reward-only dmdr; do
   "$rlfew" eval --checkpoint "$out/$run" --steps 4 --out "$out/$run.json"
 done
 .venv/bin/python scripts/evidence_table.py "$out"
