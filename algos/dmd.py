@@ -33,7 +33,7 @@ from rlfew.algos.common import (backward_simulation_input, check_fraction_ranges
                                 dmd_direction, dmd_loss,
                                 standard_normal, uniform_sigma_sampler)
 from rlfew.config import TrainConfig
-from rlfew.algos.gan import GANHead, GANOptions
+from rlfew.algos.gan import GANHead, GANOptions, check_real_images
 from rlfew.errors import ConfigError, UsageError
 from rlfew.method import Batch, all_ranks_finite, average_gradients, Method, register_method
 from rlfew.models import ModelRoles
@@ -76,14 +76,21 @@ class DMD(Method):
         if options.gan_generator_weight > 0:
             resolution = cfg.model.resolution or roles.adapter.default_resolution
             self.gan = GANHead(roles.critic, options, roles.adapter.latent_shape(resolution))
-        self.critic_params = roles.critic.trainable_parameters() + (self.gan.parameters() if self.gan else [])
+        critic_groups = [{"params": roles.critic.trainable_parameters()}]
+        if self.gan is not None:  # its own group, so a checkpoint from before the head can be resumed with it
+            critic_groups.append({"params": self.gan.parameters()})
+        self.critic_params = [p for group in critic_groups for p in group["params"]]
         self.generator_optimizer = torch.optim.AdamW(self.generator_params, lr=train.lr, betas=(0.9, 0.999),
                                                      weight_decay=train.weight_decay)
-        self.critic_optimizer = torch.optim.AdamW(self.critic_params, lr=train.critic_lr, betas=(0.9, 0.999),
+        self.critic_optimizer = torch.optim.AdamW(critic_groups, lr=train.critic_lr, betas=(0.9, 0.999),
                                                   weight_decay=train.weight_decay)
         self.dm_sigmas = uniform_sigma_sampler(roles.adapter, *options.dm_sigma_range)
         self.critic_sigmas = uniform_sigma_sampler(roles.adapter, *options.critic_sigma_range)
         self.updates = {"generator": 0, "critic": 0}  # optimiser steps taken (warmup counts these)
+
+    @classmethod
+    def check_inputs(cls, cfg: TrainConfig, options: DMDOptions) -> None:
+        check_real_images(cfg, options)
 
     @classmethod
     def rollout_sampler(cls, cfg: TrainConfig, options: DMDOptions) -> Sampler:
@@ -152,7 +159,7 @@ class DMD(Method):
         optimizer = self.generator_optimizer if role == "generator" else self.critic_optimizer
         params = self.generator_params if role == "generator" else self.critic_params
         base_lr = self.cfg.train.lr if role == "generator" else self.cfg.train.critic_lr
-        loss.backward()
+        loss.backward(inputs=params)  # not into the other role (the GAN term runs through the critic)
         average_gradients(params)
         if role == "critic":
             assert all(p.grad is None for p in self.generator_params), "the critic loss wrote generator gradients"
@@ -189,11 +196,15 @@ class DMD(Method):
     def load_state_dict(self, state: dict) -> None:
         self.roles.generator.load_trainable_state_dict(state["tensors"]["generator"])
         self.roles.critic.load_trainable_state_dict(state["tensors"]["critic"])
-        if self.gan is not None:
-            if "gan_head" not in state["tensors"]:
-                raise UsageError("the checkpoint has no GAN head; it was trained with "
-                                 "algo.options.gan_generator_weight=0, so resume it with that setting")
+        critic_optimizer = state["state"]["critic_optimizer"]
+        if "gan_head" in state["tensors"] and self.gan is None:
+            raise UsageError("the checkpoint has a GAN head (algo.options.gan_generator_weight > 0); resume it with "
+                             "the head on")
+        if self.gan is not None and "gan_head" in state["tensors"]:
             self.gan.head.load_state_dict(state["tensors"]["gan_head"])
+        elif self.gan is not None:  # DMD2's SD1.5 protocol: distil without the head, then resume with a fresh one
+            head_group = self.critic_optimizer.state_dict()["param_groups"][1]
+            critic_optimizer = {**critic_optimizer, "param_groups": [*critic_optimizer["param_groups"], head_group]}
         self.generator_optimizer.load_state_dict(state["state"]["generator_optimizer"])
-        self.critic_optimizer.load_state_dict(state["state"]["critic_optimizer"])
+        self.critic_optimizer.load_state_dict(critic_optimizer)
         self.updates = {role: int(count) for role, count in state["state"]["updates"].items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +33,28 @@ class GANOptions:
     gan_critic_weight: float = 1e-2  # λ_D (DMD2: 1e-2)
     gan_real_images: str = "world:train"  # world:train renders, or a folder of images (captions from <stem>.txt)
     gan_sigma_range: list[float] = field(default_factory=lambda: [0.0, 1.0])  # noise fractions, real and fake
+    gan_head_downsamples: int = 2  # strided convs in the head (DMD2: 2 for SD1.5, 4 for SDXL)
 
     def check_gan_options(self) -> None:
         for name in ("gan_generator_weight", "gan_critic_weight"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"algo.options.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.gan_head_downsamples < 0:
+            raise ConfigError(f"algo.options.gan_head_downsamples: must be >= 0, got {self.gan_head_downsamples}")
         check_fraction_ranges(self, "gan_sigma_range")
-        if self.gan_generator_weight > 0:  # fail before a run directory exists, naming the key
-            try:
-                load_real_images(self.gan_real_images)
-            except UsageError as err:
-                raise ConfigError(f"algo.options.gan_real_images: {err}") from err
+
+
+def check_real_images(cfg, options: GANOptions) -> None:
+    """With the GAN head on, the real-image source must load (checked once, before the run starts); a folder
+    path becomes absolute so that workers with another working directory find it."""
+    if options.gan_generator_weight <= 0:
+        return
+    try:
+        load_real_images(options.gan_real_images)
+    except UsageError as err:
+        raise ConfigError(f"algo.options.gan_real_images: {err}") from err
+    if not options.gan_real_images.startswith("world:"):
+        cfg.algo.options["gan_real_images"] = str(Path(options.gan_real_images).resolve())
 
 
 def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
@@ -109,7 +121,8 @@ class GANHead:
         with torch.no_grad():  # one probe call sizes the head for this network and resolution
             probe = torch.zeros(1, *latent_shape, device=self.adapter.device)
             features = bottleneck_features(critic, probe, torch.full((1,), 0.5), self.adapter.unconditional(1))
-        self.head = DiscriminatorHead(features.shape[1], min(features.shape[-2:])).to(self.adapter.device)
+        self.head = DiscriminatorHead(features.shape[1], min(features.shape[-2:]),
+                                      options.gan_head_downsamples).to(self.adapter.device)
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
@@ -126,7 +139,7 @@ class GANHead:
 
     def critic_loss(self, fake: torch.Tensor, cond: Conditioning, rng: torch.Generator
                     ) -> tuple[torch.Tensor, dict[str, float]]:
-        images, captions = self.real_images.sample(fake.shape[0], self.resolution, rng)
+        images, captions = self.real_images.sample(fake.shape[0], self.resolution, self._real_image_rng(rng))
         real = self.adapter.encode_images(images.to(self.adapter.device), generator=rng).to(fake.dtype)
         real_cond = (self.adapter.encode_prompts(captions, cache=False) if captions is not None
                      else self._fake_cond(cond))
@@ -135,6 +148,16 @@ class GANHead:
         metrics = {"gan_real_logit": float(real_logits.detach().mean()),
                    "gan_fake_logit": float(fake_logits.detach().mean())}
         return discriminator_loss(real_logits, fake_logits), metrics
+
+    @staticmethod
+    def _real_image_rng(rng: torch.Generator) -> torch.Generator:
+        """A generator seeded from `rng` plus the learner's rank: the learners' shared stream would give every
+        rank the same real images."""
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        seed = int(torch.randint(2**62, (1,), generator=rng, device=rng.device))
+        return torch.Generator(rng.device).manual_seed(seed + rank)
 
     def _fake_cond(self, cond: Conditioning) -> Conditioning:
         return cond if self.real_images.captioned else self.adapter.unconditional(len(cond))

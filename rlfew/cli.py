@@ -38,7 +38,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(next((token for token in argv if token in COMMANDS), None))
+    parser = build_parser(next((token for token in argv if not token.startswith("-")), None))
     args, extra = parser.parse_known_args(argv)
     if extra:
         # `key=value` overrides may follow options (`rlfew train cfg.yaml --algo dmd train.steps=5`).

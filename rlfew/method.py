@@ -90,6 +90,11 @@ class Method(abc.ABC):
         return make_sampler(gen.sampler, eta=gen.eta, noise_level=gen.noise_level)
 
     @classmethod
+    def check_inputs(cls, cfg: TrainConfig, options: Any) -> None:
+        """Checks that read the filesystem (data folders), run once by `rlfew train` before the run directory is
+        written; may normalise paths in `cfg.algo.options` for workers elsewhere. Default: nothing to check."""
+
+    @classmethod
     def stochastic_steps(cls, cfg: TrainConfig, options: Any) -> list[int] | None:
         """Steps that use the rollout kernel; the others are deterministic. None: all of them."""
         return None

@@ -56,8 +56,11 @@ class ImageFolder(RealImages):
         if not self.files:
             raise UsageError(f"real image folder {str(self.folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         caption_files = [p.with_suffix(".txt") for p in self.files]
-        self.captions = ([p.read_text(encoding="utf-8").strip() for p in caption_files]
-                         if all(p.is_file() for p in caption_files) else None)
+        missing = [p.name for p in caption_files if not p.is_file()]
+        if missing and len(missing) < len(caption_files):
+            raise UsageError(f"real image folder {str(self.folder)!r}: {len(missing)} of {len(caption_files)} images "
+                             f"have no caption file (e.g. {', '.join(missing[:3])}); caption every image or none")
+        self.captions = None if missing else [p.read_text(encoding="utf-8").strip() for p in caption_files]
         self.captioned = self.captions is not None
 
     def __len__(self) -> int:

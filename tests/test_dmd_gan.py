@@ -22,8 +22,10 @@ from rlfew.world.evaluator import evaluate
 from test_dmd_method import moved, run_iteration, snapshot, teacher_parameters
 
 
-def build_gan_method(source: str, critic_lora_rank: int = 0, ttur: int = 2, **gan_options):
+def build_gan_method(source: str, critic_lora_rank: int = 0, ttur: int = 2, weight_decay: float = 0.01,
+                     **gan_options):
     cfg = TrainConfig()
+    cfg.train.weight_decay = weight_decay
     cfg.model.source = source
     cfg.generator.lora_rank, cfg.critic.lora_rank = 4, critic_lora_rank
     cfg.generator.steps = 2
@@ -57,14 +59,24 @@ def test_gan_options_are_validated():
     with pytest.raises(ConfigError, match="gan_sigma_range"):
         get_method("dmdr").Options(gan_sigma_range=[0.5, 0.2])
     assert GANOptions().gan_generator_weight == 0.0  # off unless asked for
-    with pytest.raises(ConfigError, match="gan_real_images.*does not exist"):
-        get_method("dmd").Options(gan_generator_weight=1e-3, gan_real_images="/nowhere/images")
+    with pytest.raises(ConfigError, match="gan_head_downsamples"):
+        get_method("dmd").Options(gan_head_downsamples=-1)
+
+
+def test_train_checks_the_real_image_folder_before_writing_anything(tmp_path, capsys):
+    from rlfew.cli import main
+
+    code = main(["train", "configs/world/dmd.yaml", "runtime.backend=inprocess", f"run.output_dir={tmp_path / 'runs'}",
+                 "algo.options.gan_generator_weight=1e-3", f"algo.options.gan_real_images={tmp_path / 'nowhere'}"])
+    assert code == 2 and "algo.options.gan_real_images" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_head_sizes_its_downsampling_to_the_feature_map():
     assert DiscriminatorHead(64, spatial=8)(torch.randn(2, 64, 8, 8)).shape == (2, 1, 2, 2)  # two strided convs
     assert DiscriminatorHead(12, spatial=2)(torch.randn(2, 12, 2, 2)).shape == (2, 1, 1, 1)  # capped at 1x1
     assert DiscriminatorHead(12, spatial=1)(torch.randn(2, 12, 1, 1)).shape == (2, 1, 1, 1)
+    assert DiscriminatorHead(8, spatial=16, max_downsamples=4)(torch.randn(2, 8, 16, 16)).shape == (2, 1, 1, 1)
     head = DiscriminatorHead(32, spatial=4)  # down to 1x1: the normalisation must not make the logit constant
     logits = head(torch.randn(4, 32, 4, 4)).flatten()
     assert logits.std() > 1e-3
@@ -78,6 +90,13 @@ def test_tokens_to_map_inverts_patch_embedding_flattening():
     assert torch.equal(tokens_to_map(grid.flatten(2).transpose(1, 2), 4, 3), grid)
     with pytest.raises(ValueError, match="grid"):
         tokens_to_map(torch.zeros(1, 10, 6), 4, 3)
+
+
+def test_tokens_to_map_of_flux_packed_latents_is_a_pixel_unshuffle(tiny_pipeline_dir):
+    adapter = build_roles(tiny_pipeline_dir("flux")).adapter
+    x = torch.randn(2, 4, 8, 6)
+    torch.testing.assert_close(tokens_to_map(adapter.pack(x), 4, 3), torch.nn.functional.pixel_unshuffle(x, 2),
+                               atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["sd3", "sd", "sdxl", "flux"])
@@ -106,6 +125,7 @@ def test_bottleneck_features_are_the_middle_block_output_and_stop_the_forward(ti
     finally:
         handle.remove()
     assert not calls  # the layers after the bottleneck never ran
+    assert not block._forward_hooks  # and the stopping hook is gone
 
 
 # ------------------------------------------------------------------------------------ in the method
@@ -132,22 +152,33 @@ def test_gan_head_trains_with_the_critic_and_joins_the_generator_loss(tiny_pipel
     assert method.updates == {"generator": 2, "critic": 4}
 
 
-def test_generator_gradient_carries_the_adversarial_term(tiny_pipeline_dir):
-    """With the DM direction switched off (its loss is then exactly 0), the generator still moves under λ_G > 0,
-    and only through the discriminator; with λ_G = 0 nothing would move it."""
-    method = build_gan_method(tiny_pipeline_dir("sd3"), gan_generator_weight=1.0)
-    method.options.dm_sigma_range = [0.5, 0.6]
+@pytest.mark.parametrize("weight", [1.0, 1e-12])
+def test_generator_gradient_carries_the_adversarial_term(tiny_pipeline_dir, monkeypatch, weight):
+    """With the DM direction switched off (its loss is then exactly 0) and no weight decay, only the adversarial
+    term can move the generator: it does with λ_G = 1, and (all but) not with λ_G = 1e-12. The generator step
+    leaves the critic and the head untouched, without gradients."""
     import rlfew.algos.dmd as dmd_module
 
-    original = dmd_module.dmd_direction
-    dmd_module.dmd_direction = lambda x, *args, **kwargs: torch.zeros_like(x, dtype=torch.float64)
-    try:
-        before = snapshot(method.generator_params)
-        metrics = run_iteration(method, 0, torch.Generator().manual_seed(1))
-    finally:
-        dmd_module.dmd_direction = original
+    method = build_gan_method(tiny_pipeline_dir("sd3"), weight_decay=0.0, gan_generator_weight=weight)
+    monkeypatch.setattr(dmd_module, "dmd_direction", lambda x, *args, **kwargs: torch.zeros_like(x, dtype=torch.float64))
+    critic = method.critic_params
+    before, critic_before = snapshot(method.generator_params), snapshot(critic)
+    after_generator_step = {}
+    update = method._update
+
+    def spy(loss, role):
+        grad_norm = update(loss, role)
+        if role == "generator":
+            after_generator_step.update(critic=snapshot(critic), grads=[p.grad for p in critic])
+        return grad_norm
+
+    monkeypatch.setattr(method, "_update", spy)
+    metrics = run_iteration(method, 0, torch.Generator().manual_seed(1))
     assert metrics["dmd_loss"] == 0.0 and metrics["gan_generator_loss"] > 0
-    assert moved(before, method.generator_params)
+    change = max((a - b).abs().max().item() for a, b in zip(before, method.generator_params))
+    assert change > 1e-6 if weight == 1.0 else change < 1e-9
+    assert not moved(critic_before, after_generator_step["critic"])
+    assert all(grad is None for grad in after_generator_step["grads"])
 
 
 def test_discriminator_learns_to_tell_world_renders_from_generator_samples(tiny_pipeline_dir):
@@ -176,10 +207,28 @@ def test_resume_with_a_gan_head_is_bit_exact(tiny_pipeline_dir, tmp_path):
         assert run_iteration(resumed, step, resumed_rng) == run_iteration(original, step, rng)
     assert all(torch.equal(a, b) for a, b in zip(original.gan.parameters(), resumed.gan.parameters()))
 
-    without_head = {"tensors": {k: v for k, v in checkpoint.tensors.items() if k != "gan_head"},
-                    "state": checkpoint.state}
-    with pytest.raises(UsageError, match="no GAN head"):
-        build_gan_method(source).load_state_dict(without_head)
+    with pytest.raises(UsageError, match="has a GAN head"):
+        build_gan_method(source, gan_generator_weight=0.0).load_state_dict(
+            {"tensors": checkpoint.tensors, "state": checkpoint.state})
+
+
+def test_a_run_without_the_head_resumes_with_a_fresh_one(tiny_pipeline_dir, tmp_path):
+    """DMD2's SD1.5 protocol: distil without the GAN, then resume with it. The critic's optimiser state carries
+    over; the head starts fresh and trains."""
+    source = tiny_pipeline_dir("sd3")
+    plain = build_gan_method(source, gan_generator_weight=0.0)
+    rng = torch.Generator().manual_seed(0)
+    for step in range(2):
+        run_iteration(plain, step, rng)
+    state = plain.state_dict()
+    checkpoint = load_checkpoint(save_checkpoint(tmp_path, 2, state["tensors"], state["state"], rng=False))
+    with_head = build_gan_method(source)
+    with_head.load_state_dict({"tensors": checkpoint.tensors, "state": checkpoint.state})
+    critic_state = with_head.critic_optimizer.state_dict()["state"]
+    assert torch.equal(critic_state[0]["exp_avg"], plain.critic_optimizer.state_dict()["state"][0]["exp_avg"])
+    head_before = snapshot(with_head.gan.parameters())
+    metrics = run_iteration(with_head, 2, rng)
+    assert math.isfinite(metrics["gan_critic_loss"]) and moved(head_before, with_head.gan.parameters())
 
 
 def test_uncaptioned_folder_puts_real_and_fake_through_the_empty_prompt(tiny_pipeline_dir, tmp_path):
@@ -234,6 +283,13 @@ def test_image_folder_resizes_crops_and_reads_sidecar_captions(tmp_path):
 
 
 def test_image_folder_errors_name_the_problem(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_text("a caption")
+    with pytest.raises(UsageError, match="1 of 2 images have no caption file.*b.txt"):
+        ImageFolder(tmp_path)
+    tmp_path = tmp_path / "other"
+    tmp_path.mkdir()
     with pytest.raises(UsageError, match="does not exist"):
         load_real_images(str(tmp_path / "missing"))
     with pytest.raises(UsageError, match="holds no images"):

@@ -25,8 +25,7 @@ def run_train(args) -> int:
 
     cfg = config_from_args(args)
     # Validate everything a user can get wrong before the run directory is written.
-    get_method(cfg.algo.name)
-    resolve_algo_options(cfg)
+    get_method(cfg.algo.name).check_inputs(cfg, resolve_algo_options(cfg))
     for source in (cfg.model.source, cfg.generator.source, cfg.teacher.source):
         if source:
             resolve_source(source)

@@ -52,6 +52,7 @@ class VPAdapter(FamilyAdapter):
 
     def bottleneck_map(self, output, x: torch.Tensor) -> torch.Tensor:
         return output
+
     def _encode(self, prompts: list[str]) -> Conditioning:
         if self.is_sdxl:
             embeds, _, pooled, _ = self.pipeline.encode_prompt(
