@@ -49,6 +49,6 @@ def run_eval(args) -> int:
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     grid = save_grid(out.with_suffix(".png"), images[: 8 * args.images_per_prompt],
                      expanded[: 8 * args.images_per_prompt], columns=args.images_per_prompt)
-    print(json.dumps({k: metrics[k] for k in ("accuracy", "fd", "diversity", "clip_score", "steps", "n_images")}))
+    print(json.dumps({k: metrics[k] for k in ("accuracy", "image_accuracy", "fd", "diversity", "clip_score", "steps", "n_images")}))
     print(f"wrote {out} and {grid}")
     return 0
