@@ -150,6 +150,19 @@ def test_recipe_file_matches_the_command_defaults():
         assert recorded == expected, section
 
 
+def test_recipe_continuation_command_gives_its_recorded_overrides():
+    import dataclasses
+
+    from rlfew.cli import build_parser
+    from rlfew.world.pipeline import _overrides
+
+    continuation = yaml.safe_load((REPO / "configs" / "world" / "teacher.yaml").read_text())["denoiser_continuation"]
+    args = build_parser("world").parse_args(continuation["command"].split()[1:])
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in continuation["overrides"].items()}
+    assert _overrides(DenoiserTrainConfig(), args) == dataclasses.replace(DenoiserTrainConfig(), **overrides)
+    assert args.resume.endswith("step_5000")
+
+
 def test_shipped_teacher_loads_with_plain_diffusers_and_samples():
     from rlfew.world import resolve_world_asset
 

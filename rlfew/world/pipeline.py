@@ -451,7 +451,8 @@ def build_teacher(run: str | Path, out: str | Path, dtype: torch.dtype = torch.f
         "# world:teacher\n\nThe embedded world's text-to-image model: a tiny StableDiffusion3Pipeline (no T5) trained by\n"
         "`rlfew world train-vae` and `rlfew world train-denoiser`; recipe, seeds and measured accuracy in\n"
         "`configs/world/teacher.yaml`. Load with\n"
-        "`StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)`.\n"
+        "`StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)`\n"
+        f"(the weights are stored as {str(dtype).removeprefix('torch.')}; on a CPU run them in float32).\n"
         f"Weights stored as {str(dtype).removeprefix('torch.')}; scheduler shift {pipeline.scheduler.config.shift}.\n")
     return out
 
