@@ -1,5 +1,6 @@
 import json
 import logging
+import time
 
 import pytest
 import torch
@@ -77,6 +78,10 @@ def test_resume_truncates_metrics_after_the_checkpoint_step(tmp_path):
             logger.log(step, {"loss": float(step)})
     with open(run.path / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 8, "lo')  # the line a SIGKILL cut short
+    # TensorBoard reads event files in name order: creation second, host, pid, then a per-process counter that
+    # sorts wrongly past 9 (".10" < ".9"). A real resume is a later process; in one test process, let a second pass
+    # so the resumed writer's file sorts after the first one's.
+    time.sleep(1.1)
 
     resumed = RunDir.create(tmp_path, "demo", cfg, resume=True)
     with resumed.metrics_logger(resumed_step=4) as logger:
