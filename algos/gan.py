@@ -143,8 +143,8 @@ class GANHead:
         real = self.adapter.encode_images(images.to(self.adapter.device), generator=rng).to(fake.dtype)
         real_cond = (self.adapter.encode_prompts(captions, cache=False) if captions is not None
                      else self._fake_cond(cond))
-        fake_logits = self.logits(fake.detach(), self._fake_cond(cond), rng)
-        real_logits = self.logits(real, real_cond.to(device=fake.device), rng)
+        both = Conditioning.cat([self._fake_cond(cond), real_cond.to(device=fake.device)])
+        fake_logits, real_logits = self.logits(torch.cat([fake.detach(), real]), both, rng).chunk(2)  # one call
         metrics = {"gan_real_logit": float(real_logits.detach().mean()),
                    "gan_fake_logit": float(fake_logits.detach().mean())}
         return discriminator_loss(real_logits, fake_logits), metrics
