@@ -4,7 +4,7 @@ trained together with the critic against real images; the only part of DMD2 that
     x̃ = add_noise(x, ε, σ), σ ~ U(gan_sigma_range) for real and fake latents alike ("diffusion GAN")
     D(x̃) = head(critic bottleneck features of x̃), one logit per feature-map patch
     generator turn:  L_G += λ_G · softplus(−D(x̃_fake))                    (gradient through the critic's features)
-    critic turn:     L_F += λ_D · [softplus(D(x̃_fake)) + softplus(−D(x̃_real))]   (head in the critic optimiser)
+    critic turn:     L_F += λ_D · [softplus(D(x̃_fake)) + softplus(−D(x̃_real))]   (head: the "discriminator")
 
 The critic forward stops at its bottleneck (DMD2's classify mode): a forward hook raises once the block has run.
 Real images are conditioned on their own captions and fake ones on the batch's prompts; a source without captions
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlfew.algos.common import check_fraction_ranges, standard_normal, uniform_sigma_sampler
+from rlfew.algos.distribution_matching import check_fraction_ranges, standard_normal, uniform_sigma_sampler
 from rlfew.errors import ConfigError, UsageError
 from rlfew.models import Conditioning, Role
 from rlfew.real_images import load_real_images
@@ -116,16 +116,13 @@ class GANHead:
     def __init__(self, critic: Role, options: GANOptions, latent_shape: tuple[int, int, int]):
         self.critic, self.adapter = critic, critic.adapter
         self.real_images = load_real_images(options.gan_real_images)
-        self.sigmas = uniform_sigma_sampler(self.adapter, *options.gan_sigma_range)
         self.resolution = latent_shape[-1] * self.adapter.vae_scale_factor
+        self.sigmas = uniform_sigma_sampler(self.adapter, *options.gan_sigma_range, resolution=self.resolution)
         with torch.no_grad():  # one probe call sizes the head for this network and resolution
             probe = torch.zeros(1, *latent_shape, device=self.adapter.device)
             features = bottleneck_features(critic, probe, torch.full((1,), 0.5), self.adapter.unconditional(1))
         self.head = DiscriminatorHead(features.shape[1], min(features.shape[-2:]),
                                       options.gan_head_downsamples).to(self.adapter.device)
-
-    def parameters(self) -> list[nn.Parameter]:
-        return list(self.head.parameters())
 
     def logits(self, latents: torch.Tensor, cond: Conditioning, rng: torch.Generator) -> torch.Tensor:
         """D at freshly noised `latents` (gradients flow into `latents` when they carry any)."""
@@ -139,25 +136,24 @@ class GANHead:
 
     def critic_loss(self, fake: torch.Tensor, cond: Conditioning, rng: torch.Generator
                     ) -> tuple[torch.Tensor, dict[str, float]]:
-        images, captions = self.real_images.sample(fake.shape[0], self.resolution, self._real_image_rng(rng))
+        """The discriminator loss on detached `fake` and as many real images, drawn with `rng` (a learner's own
+        stream, so several learners see different real images)."""
+        images, captions = self.real_images.sample(fake.shape[0], self.resolution, rng)
         real = self.adapter.encode_images(images.to(self.adapter.device), generator=rng).to(fake.dtype)
         real_cond = (self.adapter.encode_prompts(captions, cache=False) if captions is not None
                      else self._fake_cond(cond))
         both = Conditioning.cat([self._fake_cond(cond), real_cond.to(device=fake.device)])
         fake_logits, real_logits = self.logits(torch.cat([fake.detach(), real]), both, rng).chunk(2)  # one call
-        metrics = {"gan_real_logit": float(real_logits.detach().mean()),
-                   "gan_fake_logit": float(fake_logits.detach().mean())}
+        metrics = {"gan/real_logit": float(real_logits.detach().mean()),
+                   "gan/fake_logit": float(fake_logits.detach().mean())}
         return discriminator_loss(real_logits, fake_logits), metrics
 
-    @staticmethod
-    def _real_image_rng(rng: torch.Generator) -> torch.Generator:
-        """A generator seeded from `rng` plus the learner's rank: the learners' shared stream would give every
-        rank the same real images."""
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        seed = int(torch.randint(2**62, (1,), generator=rng, device=rng.device))
-        return torch.Generator(rng.device).manual_seed(seed + rank)
+    def critic_term(self, rng: torch.Generator, weight: float):
+        """λ_D·GAN_D as an extra loss of the critic turn (`critic_turn(extra=...)`)."""
+        def term(fake: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, dict[str, float]]:
+            adversarial, metrics = self.critic_loss(fake, cond, rng)
+            return weight * adversarial, {**metrics, "loss/gan_critic": float(adversarial.detach())}
+        return term
 
     def _fake_cond(self, cond: Conditioning) -> Conditioning:
         return cond if self.real_images.captioned else self.adapter.unconditional(len(cond))

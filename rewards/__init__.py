@@ -12,9 +12,9 @@ from rlfew.rewards.api import (
     parse_reward_spec,
 )
 from rlfew.rewards.bench import benchmark_rewards
-from rlfew.rewards.multi import MultiReward, combine_advantages
+from rlfew.rewards.multi import MultiReward
 
 __all__ = [
     "BUILTINS", "ENTRY_POINT_GROUP", "CallableReward", "MultiReward", "Reward", "RewardInfo", "RewardSpec",
-    "benchmark_rewards", "combine_advantages", "list_rewards", "load", "parse_reward_spec",
+    "benchmark_rewards", "list_rewards", "load", "parse_reward_spec",
 ]

@@ -15,12 +15,12 @@ import dataclasses
 import importlib
 import importlib.metadata
 import inspect
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from rlfew.config import RewardSpec, parse_reward_spec
 from rlfew.errors import RewardError, UsageError
 
 ENTRY_POINT_GROUP = "rlfew.rewards"
@@ -129,92 +129,6 @@ class CallableReward(Reward):
 
     def compute(self, images, prompts, **meta):
         return self.function(images, prompts, **self.bound_options, **meta)
-
-
-# ---------------------------------------------------------------------------------------------- specs
-
-@dataclasses.dataclass
-class RewardSpec:
-    """One reward in a run: what to load, its weight in a multi-reward, and its constructor options.
-
-    Plain data (picklable, YAML-friendly): a Ray worker receives the spec and calls `load(spec)` itself.
-    """
-
-    name: str
-    weight: float = 1.0
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise UsageError(f"reward spec needs a non-empty name, got {self.name!r}")
-        self.name = self.name.strip()
-        try:
-            self.weight = float(self.weight)
-        except (TypeError, ValueError):
-            raise UsageError(f"reward {self.name!r}: weight must be a number, got {self.weight!r}") from None
-        if not math.isfinite(self.weight):
-            raise UsageError(f"reward {self.name!r}: weight must be finite, got {self.weight}")
-        if not isinstance(self.options, Mapping):
-            raise UsageError(f"reward {self.name!r}: options must be a mapping, got {type(self.options).__name__}")
-        self.options = dict(self.options)
-
-    def __str__(self) -> str:
-        return f"{self.name}:{self.weight:g}"
-
-
-def _parse_one(text: str) -> RewardSpec:
-    # The weight is an optional last ':'-separated number, so `pkg.mod:attr:0.5` and `pickscore` both parse.
-    head, sep, tail = text.strip().rpartition(":")
-    if sep:
-        try:
-            return RewardSpec(head, float(tail))
-        except ValueError:
-            pass  # the colon belongs to a `module:attr` name, not a weight
-    return RewardSpec(text)
-
-
-def parse_reward_spec(value: str | RewardSpec | Mapping | Sequence) -> list[RewardSpec]:
-    """Parse `"pickscore:1.0,hpsv2:0.5"`, or a YAML list whose items are such strings or dicts
-    `{name, weight, options}`, into RewardSpecs. Reward names must be unique within one spec."""
-    if isinstance(value, RewardSpec):
-        specs = [value]
-    elif isinstance(value, str):
-        parts = [part for part in value.split(",") if part.strip()]
-        if not parts:
-            raise UsageError(f"empty reward spec {value!r}; expected e.g. 'pickscore:1.0,hpsv2:0.5'")
-        specs = [_parse_one(part) for part in parts]
-    elif isinstance(value, Mapping):
-        specs = [_spec_from_mapping(value)]
-    elif isinstance(value, Sequence):
-        specs = []
-        for item in value:
-            if isinstance(item, RewardSpec):
-                specs.append(item)
-            elif isinstance(item, str):
-                specs.extend(parse_reward_spec(item))
-            elif isinstance(item, Mapping):
-                specs.append(_spec_from_mapping(item))
-            else:
-                raise UsageError(f"reward list items must be strings or {{name, weight, options}} mappings, "
-                                 f"got {type(item).__name__}: {item!r}")
-    else:
-        raise UsageError(f"cannot read a reward spec from {type(value).__name__}: {value!r}")
-    seen: set[str] = set()
-    for spec in specs:
-        if spec.name in seen:
-            raise UsageError(f"reward {spec.name!r} appears twice in one reward spec")
-        seen.add(spec.name)
-    return specs
-
-
-def _spec_from_mapping(item: Mapping) -> RewardSpec:
-    unknown = set(item) - {"name", "weight", "options"}
-    if unknown:
-        raise UsageError(f"reward entry {dict(item)!r} has unknown keys {sorted(unknown)}; "
-                         f"allowed: name, weight, options")
-    if "name" not in item:
-        raise UsageError(f"reward entry {dict(item)!r} has no 'name'")
-    return RewardSpec(item["name"], item.get("weight", 1.0), item.get("options") or {})
 
 
 # ------------------------------------------------------------------------------------------ discovery

@@ -1,10 +1,11 @@
 """Checkpoints as safetensors + JSON (no pickle): `<run>/checkpoints/step_N/`.
 
-A checkpoint directory holds one `<group>.safetensors` per tensor group (generator, critic, ...),
-`state.json` with the rest of the training state (optimiser / scheduler state dicts, data position)
-whose tensors live in `state.safetensors`, `rng.safetensors` with the torch generator states, and
-`manifest.json` (step, sha256 and size of every file, python / numpy RNG states). It is written to a
-temporary sibling directory and renamed into place, so `step_N` is either complete or absent.
+A checkpoint directory holds one `<group>.safetensors` per tensor group (one per trainable role, EMA copy or
+trainable module: generator, critic, ...), `state.json` with the rest of the training state (optimiser state
+dicts and step counters) whose tensors live in `state.safetensors`, and `manifest.json` (step, sha256 and size
+of every file). It is written to a temporary sibling directory and renamed into place, so `step_N` is either
+complete or absent. No RNG state is stored: every random stream of a run is derived from (seed, step), so a
+resumed run redraws exactly what an uninterrupted one would (rlfew/runtime/seeds.py).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
-RNG_TENSORS = "rng.safetensors"
-_RESERVED_FILES = {MANIFEST, STATE_JSON, STATE_TENSORS, RNG_TENSORS}
+_RESERVED_FILES = {MANIFEST, STATE_JSON, STATE_TENSORS}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TEMP_PREFIX = ".tmp-"
 
@@ -97,39 +96,6 @@ def _decode_state(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {key: _decode_state(item, tensors) for key, item in value.items()}
 
 
-# ------------------------------------------------------------------------------------------ RNG states
-
-def _capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    version, internal, gauss_next = random.getstate()
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    json_part = {
-        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
-        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(position), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached_gaussian)},
-    }
-    tensor_part = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensor_part[f"torch_cuda_{index}"] = cuda_state
-    return json_part, tensor_part
-
-
-def _restore_rng(json_part: dict[str, Any], tensor_part: dict[str, torch.Tensor]) -> None:
-    python = json_part["python"]
-    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
-    state = json_part["numpy"]
-    np.random.set_state((state["kind"], np.asarray(state["keys"], dtype=np.uint32), state["pos"],
-                         state["has_gauss"], state["cached_gaussian"]))
-    torch.set_rng_state(tensor_part["torch_cpu"])
-    cuda_states = [tensor_part[f"torch_cuda_{i}"] for i in range(len(tensor_part) - 1)]
-    if cuda_states:
-        if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda_states):
-            torch.cuda.set_rng_state_all(cuda_states)
-        else:
-            log.warning("checkpoint holds RNG states for %d CUDA devices but %d are visible; CUDA RNG not restored",
-                        len(cuda_states), torch.cuda.device_count() if torch.cuda.is_available() else 0)
-
-
 # ------------------------------------------------------------------------------------------------ save
 
 def _sha256(path: Path) -> str:
@@ -167,16 +133,15 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
-                    state: dict[str, Any] | None = None, rng: bool = True) -> Path:
+                    state: dict[str, Any] | None = None) -> Path:
     """Write `<run_dir>/checkpoints/step_<step>/` atomically and return its path.
 
     `tensors` maps a group name (e.g. "generator", "critic") to a state dict; `state` is everything else
-    (optimiser and scheduler state dicts, data position, counters): JSON values plus tensors anywhere
-    inside. With `rng`, the python, numpy and torch (CPU and CUDA) generator states are saved too.
+    (optimiser state dicts, counters): JSON values plus tensors anywhere inside.
     """
     for group in tensors:
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", group) or f"{group}.safetensors" in _RESERVED_FILES:
-            raise ValueError(f"tensor group name {group!r} must be a plain word other than 'state' and 'rng'")
+            raise ValueError(f"tensor group name {group!r} must be a plain word other than 'state'")
     parent = checkpoints_dir(run_dir)
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / f"step_{step}"
@@ -187,16 +152,12 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str,
         state_tensors: dict[str, torch.Tensor] = {}
         _write_json(temp / STATE_JSON, _encode_state(state or {}, state_tensors, "state"))
         safetensors.torch.save_file(_storable(state_tensors), temp / STATE_TENSORS)
-        rng_json = None
-        if rng:
-            rng_json, rng_tensors = _capture_rng()
-            safetensors.torch.save_file(rng_tensors, temp / RNG_TENSORS)
         files = {}
         for path in sorted(temp.iterdir()):
             _fsync(path)
             files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "tensor_groups": list(tensors),
-                    "files": files, "rng": rng_json}
+                    "files": files}
         _write_json(temp / MANIFEST, manifest)
         _fsync(temp / MANIFEST)
         _fsync(temp)
@@ -227,18 +188,6 @@ class Checkpoint:
     step: int
     tensors: dict[str, dict[str, torch.Tensor]]
     state: dict[str, Any]
-    rng_json: dict[str, Any] | None = None
-    rng_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def has_rng(self) -> bool:
-        return self.rng_json is not None
-
-    def restore_rng(self) -> None:
-        """Put python, numpy and torch generators back to their state at save time."""
-        if not self.has_rng:
-            raise CheckpointError(f"{self.path}: checkpoint was saved without RNG states")
-        _restore_rng(self.rng_json, self.rng_tensors)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -292,9 +241,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", verify
         state = _decode_state(json.loads(state_file.read_text()), state_tensors)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as err:
         raise CheckpointError(f"{state_file}: unreadable training state: {err}") from None
-    rng_tensors = _load_tensors(path / RNG_TENSORS, "cpu") if manifest["rng"] is not None else {}
-    return Checkpoint(path=path, step=int(manifest["step"]), tensors=tensors, state=state,
-                      rng_json=manifest["rng"], rng_tensors=rng_tensors)
+    return Checkpoint(path=path, step=int(manifest["step"]), tensors=tensors, state=state)
 
 
 # ------------------------------------------------------------------------------------- find and prune

@@ -5,9 +5,9 @@ and validation errors that name the full dotted key (`train.steps`) with what is
 a few hundred lines over the standard library and PyYAML; a config framework would add a dependency,
 its own interpolation / coercion rules, and error messages we do not control.
 
-Each method file in `algos/` contributes its own options dataclass with `register_algo_options`; the
-`algo.options` mapping stays a free dict in the YAML and is validated by `resolve_algo_options` once the
-method is known.
+Two mappings stay free in the YAML and are validated once the method is known: `algo.options` against the
+method's options dataclass (`rlfew.method.resolve_algo_options`), and `roles` against its role table
+(`rlfew.models.merge_role_specs`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import importlib
 import logging
+import math
 import os
 import re
 import types
@@ -24,6 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
@@ -37,31 +38,68 @@ Schema = TypeVar("Schema")
 
 # --------------------------------------------------------------------------------------------- schema
 
-def parse_reward_spec(spec: str) -> list[dict[str, Any]]:
-    """Parse the CLI shortcut `"pickscore:1.0,hpsv2:0.5"` into reward entries.
+@dataclass
+class RewardSpec:
+    """One reward of a run: what to load (a built-in name, `module:attr`, an entry point), its weight, its
+    constructor options, and optionally the Ray `runtime_env` of its worker (pip / py_modules / env_vars ...), so
+    its dependencies never meet the trainer's. Plain data: a reward worker receives the spec and loads it."""
 
-    The weight is optional (default 1.0). Reward names may themselves contain a colon
-    (`my_pkg.rewards:score`), so only a trailing `:<number>` is read as the weight.
-    """
-    entries = []
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            raise ConfigError(f"reward: empty entry in {spec!r}; expected NAME[:WEIGHT],NAME[:WEIGHT],...")
-        name, weight = part, 1.0
-        head, sep, tail = part.rpartition(":")
-        if sep:
+    name: str
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+    runtime_env: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"reward: every reward needs a non-empty name, got {self.name!r}")
+        self.name = self.name.strip()
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+            raise ConfigError(f"reward {self.name!r}: weight must be a finite number, got {self.weight!r}")
+        self.weight = float(self.weight)
+        if not isinstance(self.options, Mapping):
+            raise ConfigError(f"reward {self.name!r}: options must be a mapping, got {type(self.options).__name__}")
+        self.options = dict(self.options)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.weight:g}"
+
+
+def parse_reward_spec(value: str | RewardSpec | Mapping | Sequence) -> list[RewardSpec]:
+    """Reward specs from the CLI shortcut `"pickscore:1.0,hpsv2:0.5"` (the weight is an optional trailing
+    `:<number>`, so `my_pkg.rewards:score` is a name), a `{name, weight, options, runtime_env}` mapping, a
+    RewardSpec, or a list of any of these. Names must be unique within one spec."""
+    if isinstance(value, RewardSpec):
+        specs = [value]
+    elif isinstance(value, str):
+        if not value.strip():
+            raise ConfigError(f"reward: empty reward spec {value!r}; expected e.g. 'pickscore:1.0,hpsv2:0.5'")
+        specs = []
+        for part in value.split(","):
+            if not part.strip():
+                raise ConfigError(f"reward: empty entry in {value!r}; expected NAME[:WEIGHT],NAME[:WEIGHT],...")
+            head, sep, tail = part.strip().rpartition(":")
             try:
-                name, weight = head, float(tail)
-            except ValueError:
-                pass  # the colon belongs to a `module:attr` name
-        entries.append({"name": name, "weight": weight, "options": {}})
-    return entries
+                specs.append(RewardSpec(head, float(tail)) if sep else RewardSpec(part))
+            except ValueError:  # the colon belongs to a `module:attr` name, not a weight
+                specs.append(RewardSpec(part))
+    elif isinstance(value, Mapping):
+        specs = [config_from_dict(RewardSpec, dict(value), prefix="reward")]
+    elif isinstance(value, Sequence):
+        specs = [spec for item in value for spec in parse_reward_spec(item)]
+    else:
+        raise ConfigError(f"reward: cannot read a reward spec from {type(value).__name__}: {value!r}")
+    names = [spec.name for spec in specs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(f"reward: {duplicates[0]!r} appears twice in one reward spec")
+    return specs
 
 
 def _reward_list_from_shortcut(value: Any) -> Any:
     """`reward: "pickscore:1.0,hpsv2:0.5"` in YAML or `reward=pickscore` as an override means the same as the list."""
-    return parse_reward_spec(value) if isinstance(value, str) else value
+    if isinstance(value, str):
+        return [dataclasses.asdict(spec) for spec in parse_reward_spec(value)]
+    return value
 
 
 @dataclass
@@ -74,69 +112,60 @@ class RunSection:
 
 @dataclass
 class ModelSection:
-    source: str = "world:teacher"  # hub id, local diffusers folder, or world:<name>
-    family: Literal["auto", "flow", "vp"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    source: str = "world:teacher"  # the pipeline (hub id, local diffusers folder, or world:<name>)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # frozen weights; trainable ones stay float32
     device: str = "auto"
     resolution: int | None = None  # None: the model's native resolution
 
 
 @dataclass
 class GeneratorSection:
-    source: str | None = None  # None: model.source
-    lora_rank: int = 16  # 0: full fine-tune
-    lora_alpha: float = 16.0
-    lora_targets: list[str] | None = None  # None: the family adapter's attention projections
+    source: str | None = None  # the student network's folder; None: model.source
     steps: int = 4
-    sampler: Literal["deterministic", "cps", "flow_grpo", "dance_grpo"] = "deterministic"
-    eta: float = 1.0
-    noise_level: float = 0.7
     shift: float | None = None  # None: the scheduler's own shift
 
 
 @dataclass
 class TeacherSection:
-    source: str | None = None  # None: model.source
+    source: str | None = None  # the teacher network's folder; None: model.source
     guidance: float = 4.5
-
-
-@dataclass
-class CriticSection:
-    lora_rank: int = 16  # 0: full fine-tune of the teacher copy
-    lora_alpha: float = 16.0
 
 
 @dataclass
 class AlgoSection:
     name: str = "dmd"
-    options: dict[str, Any] = field(default_factory=dict)  # validated by resolve_algo_options
-
-
-@dataclass
-class RewardEntry:
-    name: str
-    weight: float = 1.0
-    options: dict[str, Any] = field(default_factory=dict)
-    # Ray runtime_env of this reward's worker (pip / py_modules / env_vars ...), so its dependencies
-    # never meet the trainer's.
-    runtime_env: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # validated by rlfew.method.resolve_algo_options
 
 
 @dataclass
 class TrainSection:
     steps: int = 1000
-    batch_size: int = 8
-    lr: float = 1e-4
-    critic_lr: float = 1e-4
+    prompts_per_step: int = 8  # prompts per iteration over all learners (a multiple of runtime.num_learners)
+    group_size: int = 1  # images per prompt; a group is never split across learners or micro-batches
+    micro_batch_size: int | None = None  # images per forward/backward (gradients accumulate); None: the whole shard
+    lr: float = 1e-4  # the default of every trainable role (roles.<name>.lr overrides)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     warmup_steps: int = 0
     log_every: int = 10
     eval_every: int = 200
     save_every: int = 200
+    keep_checkpoints: int | None = None  # keep only the newest N checkpoints; None: all
     sample_every: int = 100
-    max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
+    max_nonfinite_steps: int = 5  # abort after this many skipped (non-finite) updates in a row
     prompts: str = "world:train"
+
+    def __post_init__(self):
+        for key in ("steps", "prompts_per_step", "group_size", "log_every", "save_every", "max_nonfinite_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints: must be >= 1 (or null: keep all), got {self.keep_checkpoints}")
+        if self.micro_batch_size is not None and (self.micro_batch_size < self.group_size
+                                                  or self.micro_batch_size % self.group_size):
+            raise ConfigError(f"train.micro_batch_size: must be a multiple of train.group_size "
+                              f"({self.group_size}) so groups stay whole, got {self.micro_batch_size}")
 
 
 @dataclass
@@ -155,6 +184,17 @@ class RuntimeSection:
     num_learners: int = 1
     num_cpus: int | None = None  # None: Ray's own detection
     address: str | None = None  # None: start a local Ray; otherwise a cluster address ("auto", "ray://...")
+    # Disaggregated only: rollouts may run this many updates behind (0: strictly on-policy). With 1, the rollout
+    # of step i+1 overlaps the update of step i.
+    max_staleness: Literal[0, 1] = 0
+
+    def __post_init__(self):
+        for key in ("num_rollout_workers", "num_learners"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"runtime.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_staleness > 0 and self.placement != "disaggregated":
+            raise ConfigError("runtime.max_staleness: overlapping rollouts with updates needs "
+                              "runtime.placement=disaggregated (colocated learners roll out themselves)")
 
 
 @dataclass
@@ -163,12 +203,34 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     generator: GeneratorSection = field(default_factory=GeneratorSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
-    critic: CriticSection = field(default_factory=CriticSection)
+    # Overrides of the method's role table: {role: {lora_rank: 0, lr: 2.0e-5, ...}} (rlfew.models.RoleSpec).
+    roles: dict[str, dict[str, Any]] = field(default_factory=dict)
     algo: AlgoSection = field(default_factory=AlgoSection)
-    reward: list[RewardEntry] = field(default_factory=list, metadata={"before_validation": _reward_list_from_shortcut})
+    reward: list[RewardSpec] = field(default_factory=list, metadata={"before_validation": _reward_list_from_shortcut})
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+    def __post_init__(self):
+        if self.train.prompts_per_step % self.runtime.num_learners:
+            raise ConfigError(f"train.prompts_per_step: {self.train.prompts_per_step} prompt groups cannot be "
+                              f"shared evenly by runtime.num_learners={self.runtime.num_learners} learners")
+
+
+# Keys of earlier versions: an old recipe gets told where the setting lives now.
+MOVED_KEYS = {
+    "train.batch_size": "train.prompts_per_step (prompts per iteration over all learners) × train.group_size",
+    "train.critic_lr": "roles.critic.lr",
+    "critic": "roles.critic (e.g. roles.critic.lora_rank)",
+    "generator.lora_rank": "roles.generator.lora_rank",
+    "generator.lora_alpha": "roles.generator.lora_alpha",
+    "generator.lora_targets": "roles.generator.lora_targets",
+    "generator.sampler": "the method (DMD-family rollouts are CPS with η = 1; rlfew sample --sampler for sampling)",
+    "generator.eta": "the method's options",
+    "generator.noise_level": "the method's options",
+    "model.family": "nothing: the family is read from the pipeline's denoiser class",
+}
+_SCHEMA_SECTIONS = (TrainConfig, TrainSection, GeneratorSection, ModelSection)
 
 
 def default_run_name(cfg: TrainConfig) -> str:
@@ -260,6 +322,8 @@ def _build_dataclass(cls: type[Schema], data: Any, prefix: str) -> Schema:
     for name in data:
         if name not in fields:
             dotted = f"{prefix}.{name}" if prefix else str(name)
+            if cls in _SCHEMA_SECTIONS and dotted in MOVED_KEYS:
+                raise ConfigError(f"{dotted!r} has moved: use {MOVED_KEYS[dotted]}")
             close = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown key {dotted!r}{hint}; allowed keys{' in ' + prefix if prefix else ''}: "
@@ -390,42 +454,6 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
-# -------------------------------------------------------------------------------------- method options
-
-_ALGO_OPTIONS: dict[str, type] = {}
-
-
-def register_algo_options(name: str, options_cls: type) -> type:
-    """Declare the options dataclass of method `name` (called at import time by `algos/<name>.py`)."""
-    if not dataclasses.is_dataclass(options_cls):
-        raise TypeError(f"options for algo {name!r} must be a dataclass, got {options_cls!r}")
-    registered = _ALGO_OPTIONS.get(name)
-    if registered is not None and registered is not options_cls:
-        raise ValueError(f"algo {name!r} already has options {registered.__qualname__}")
-    _ALGO_OPTIONS[name] = options_cls
-    return options_cls
-
-
-def registered_algos() -> list[str]:
-    return sorted(_ALGO_OPTIONS)
-
-
-def resolve_algo_options(cfg: TrainConfig) -> Any:
-    """Validate `cfg.algo.options` against the options dataclass that `cfg.algo.name` registered."""
-    name = cfg.algo.name
-    if name not in _ALGO_OPTIONS:
-        # Method files register when imported; importing algos/<name>.py keeps the list of methods in one place.
-        try:
-            importlib.import_module(f"rlfew.algos.{name}")
-        except ModuleNotFoundError as err:
-            if err.name not in (f"rlfew.algos.{name}", "rlfew.algos"):
-                raise
-    if name not in _ALGO_OPTIONS:
-        known = ", ".join(registered_algos()) or "none registered"
-        raise ConfigError(f"algo.name: unknown method {name!r}; registered methods: {known}")
-    return config_from_dict(_ALGO_OPTIONS[name], cfg.algo.options, prefix="algo.options")
-
-
 # ------------------------------------------------------------------------------------------------- CLI
 
 def _looks_like_override(token: str) -> bool:
@@ -464,7 +492,7 @@ def config_from_args(args: argparse.Namespace, schema: type[Schema] = TrainConfi
             algo.pop("options")
         apply_overrides(data, [f"algo.name={args.algo}"], schema)
     if getattr(args, "reward", None):
-        data["reward"] = parse_reward_spec(args.reward)
+        data["reward"] = _reward_list_from_shortcut(args.reward)
     if getattr(args, "model", None):
         data.setdefault("model", {})["source"] = args.model
     apply_overrides(data, [*args.overrides, *bare_overrides], schema)

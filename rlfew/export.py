@@ -9,17 +9,17 @@ from pathlib import Path
 import torch
 
 from rlfew.errors import UsageError
-from rlfew.models import ModelRoles
+from rlfew.models import Roles
 from rlfew.models.loading import denoiser_component_name
 
 
-def export_lora(roles: ModelRoles, out: str | Path) -> Path:
+def export_lora(roles: Roles, out: str | Path) -> Path:
     """Write `pytorch_lora_weights.safetensors` (+ adapter metadata so rank/alpha survive) into `out`."""
     from peft.utils import get_peft_model_state_dict
 
-    generator = roles.generator
+    generator = roles["generator"]
     if generator.lora is None:
-        raise UsageError("the generator was fully fine-tuned (generator.lora_rank=0): export it merged instead")
+        raise UsageError("the generator was fully fine-tuned (roles.generator.lora_rank=0): export it merged instead")
     pipeline = roles.adapter.pipeline
     component = denoiser_component_name(pipeline)
     layers = get_peft_model_state_dict(generator.net, adapter_name=generator.lora)
@@ -30,14 +30,15 @@ def export_lora(roles: ModelRoles, out: str | Path) -> Path:
     return out
 
 
-def export_merged(roles: ModelRoles, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+def export_merged(roles: Roles, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """A full diffusers folder whose denoiser is the generator (LoRA fused into a copy of the weights),
     optionally cast to `dtype` (e.g. float16 for a smaller folder)."""
     pipeline = roles.adapter.pipeline
     component = denoiser_component_name(pipeline)
-    generator = roles.generator
+    generator = roles["generator"]
     net = copy.deepcopy(generator.net)
     if generator.lora is not None:
+        net.enable_adapters()
         net.set_adapters([generator.lora], weights=[generator.lora_scale])
         net.fuse_lora(adapter_names=[generator.lora])
         net.unload_lora()

@@ -91,7 +91,8 @@ class CPS(Sampler):
 class FlowGRPOSDE(Sampler):
     """Flow-GRPO's ODE→SDE kernel with the marginals of the ODE: s_σ = a·√(σ/(1−σ)),
     μ = x + [v̂ + s_σ²/(2σ)·(x + (1−σ)v̂)]·Δ, Σ = s_σ·√(−Δ); σ = 1 inside the root is replaced by the grid's
-    second value, as the reference code does."""
+    second value σ_1, as the reference code does (`sigma_cap`, set by `for_grid`; a rollout stores the configured
+    kernel in its Trajectory so a log-prob recomputed in training uses the same one)."""
 
     name = "flow_grpo"
 
@@ -102,12 +103,14 @@ class FlowGRPOSDE(Sampler):
         self.sigma_cap = sigma_cap
 
     def for_grid(self, sigmas):
-        return FlowGRPOSDE(self.noise_level, float(sigmas[1]) if len(sigmas) > 2 else float(sigmas[0]))
+        return FlowGRPOSDE(self.noise_level, float(sigmas[1]))
 
     def mean_std(self, prediction, x, sigma, sigma_next):
         delta = sigma_next - sigma
-        denominator_sigma = self.sigma_cap if (sigma >= 1.0 and self.sigma_cap is not None) else sigma
-        diffusion = self.noise_level * math.sqrt(sigma / max(1 - denominator_sigma, 1e-12))
+        if sigma >= 1.0 and self.sigma_cap is None:
+            raise UsageError("flow_grpo at σ = 1 needs the grid's σ_1: use the kernel returned by for_grid(sigmas)")
+        denominator_sigma = self.sigma_cap if sigma >= 1.0 else sigma
+        diffusion = self.noise_level * math.sqrt(sigma / (1 - denominator_sigma))
         v = prediction.velocity
         mean = x + (v + diffusion**2 / (2 * sigma) * (x + (1 - sigma) * v)) * delta
         return mean, torch.tensor(diffusion * math.sqrt(-delta), dtype=x.dtype)
@@ -135,7 +138,8 @@ SAMPLERS = {cls.name: cls for cls in (Deterministic, CPS, FlowGRPOSDE, DanceGRPO
 
 
 def make_sampler(name: str, eta: float | None = None, noise_level: float | None = None) -> Sampler:
-    """Build a sampler by name; `eta` feeds cps / dance_grpo, `noise_level` feeds flow_grpo."""
+    """Build a sampler by name with its own defaults: `eta` is CPS's angle η (0.9) for cps and the constant
+    diffusion η (0.3) for dance_grpo, two different quantities; `noise_level` is flow_grpo's a (0.7)."""
     if name not in SAMPLERS:
         raise UsageError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
     if name == "cps":
@@ -152,7 +156,8 @@ class Trajectory:
     """One batch of rollouts. Per-step tensors are indexed (batch, step).
 
     `log_probs[:, k]` is NaN where step k was deterministic (`stochastic[k]` False): using it is a bug, and NaN
-    makes that loud. Group ids are explicit (never regroup by prompt text).
+    makes that loud. Group ids are explicit (never regroup by prompt text). `kernel` is the grid-configured
+    sampler of the stochastic steps, so a log-prob recomputed in training uses exactly the rollout's kernel.
     """
 
     prompts: list[str]
@@ -164,10 +169,13 @@ class Trajectory:
     stds: torch.Tensor  # (K,)
     log_probs: torch.Tensor  # (B, K)
     stochastic: torch.Tensor  # (K,) bool
+    kernel: Sampler | None = None  # the stochastic steps' kernel, configured for `sigmas`
+    weights_version: int = 0  # updates the generator had taken when it drew this rollout
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
-    rewards: torch.Tensor | None = None  # (B,)
-    advantages: torch.Tensor | None = None  # (B,)
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. per-reward scores, (B,) each
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # each reward's scores, (B,) each
+    rewards: torch.Tensor | None = None  # (B,) the weighted sum of `scores`
+    advantages: torch.Tensor | None = None  # (B,) group-normalised, computed on the whole batch
+    advantage_valid: torch.Tensor | None = None  # (B,) bool: False for samples of zero-variance groups
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -176,39 +184,18 @@ class Trajectory:
     def final_latents(self) -> torch.Tensor:
         return self.states[:, -1]
 
-    def _per_sample(self):
-        return ("group_ids", "states", "x0_preds", "means", "log_probs", "images", "rewards", "advantages")
-
-    def select(self, index: torch.Tensor | list[int]) -> "Trajectory":
-        index = torch.as_tensor(index, dtype=torch.long)
-        updates = {name: getattr(self, name)[index] for name in self._per_sample() if getattr(self, name) is not None}
-        updates["extras"] = {k: v[index] for k, v in self.extras.items()}
-        return replace(self, prompts=[self.prompts[i] for i in index.tolist()], **updates)
-
     def to(self, device) -> "Trajectory":
         updates = {f.name: getattr(self, f.name).to(device) for f in fields(self)
                    if isinstance(getattr(self, f.name), torch.Tensor)}
-        updates["extras"] = {k: v.to(device) for k, v in self.extras.items()}
+        updates["scores"] = {k: v.to(device) for k, v in self.scores.items()}
         return replace(self, **updates)
-
-    @staticmethod
-    def cat(items: list["Trajectory"]) -> "Trajectory":
-        first = items[0]
-        if any(not torch.equal(t.sigmas, first.sigmas) for t in items):
-            raise ValueError("cannot concatenate trajectories with different σ grids")
-        updates = {}
-        for name in first._per_sample():
-            values = [getattr(t, name) for t in items]
-            updates[name] = None if any(v is None for v in values) else torch.cat(values)
-        updates["extras"] = {k: torch.cat([t.extras[k] for t in items]) for k in first.extras}
-        return replace(first, prompts=[p for t in items for p in t.prompts], **updates)
 
 
 def sample(model, cond: Conditioning, sigmas: torch.Tensor, sampler: Sampler, *, prompts: list[str],
            noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
            latent_shape: tuple[int, int, int] | None = None, guidance: float = 1.0,
            uncond: Conditioning | None = None, stochastic_steps: list[int] | None = None,
-           group_ids: torch.Tensor | None = None, decode: bool = True) -> Trajectory:
+           group_ids: torch.Tensor | None = None, decode: bool = True, weights_version: int = 0) -> Trajectory:
     """Roll out `model` (a Role or anything with `predict(x, σ, cond, guidance, uncond)` and `adapter`) over
     the σ grid. Runs under the caller's grad mode: wrap in `torch.no_grad()` for rollouts.
 
@@ -252,6 +239,8 @@ def sample(model, cond: Conditioning, sigmas: torch.Tensor, sampler: Sampler, *,
         stds=torch.stack([s.float().cpu() for s in stds]),
         log_probs=torch.stack([lp.float().to(x.device) for lp in log_probs], 1),
         stochastic=torch.tensor(stochastic),
+        kernel=kernel,
+        weights_version=weights_version,
     )
     if decode:
         trajectory.images = adapter.decode(trajectory.final_latents)

@@ -1,15 +1,22 @@
-"""Tiny random pipelines built through the same diffusers / transformers classes as the real checkpoints.
+"""Tiny random pipelines built through the same diffusers / transformers classes as the real checkpoints, and a
+method's batch drawn as a learner draws it.
 
 Used by rlfew's tests and benchmarks, and handy for plug-in authors: `build_tiny_pipeline("sd3", folder)` writes
-a diffusers folder that `DiffusionPipeline.from_pretrained(folder)` loads offline in well under a second.
-Shapes follow OFFLINE.md ("Tiny real pipelines").
+a diffusers folder that `DiffusionPipeline.from_pretrained(folder)` loads offline in well under a second (shapes
+follow OFFLINE.md, "Tiny real pipelines"); `rollout_batch(method, step, prompts)` is one iteration's input to
+`method.train_step`, exactly as the runtime builds it; `vector_roles(...)` puts small networks on plain vectors
+behind the real role and adapter protocol, for tests of a method against closed forms.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from torch import nn
+
+from rlfew.models import Conditioning, FlowAdapter, Prediction, Role, Roles, RoleSpec
 
 TINY_FAMILIES = ("sd3", "sd", "sd-v", "sdxl", "flux")
 
@@ -115,8 +122,79 @@ def _tiny_flux():
                         text_encoder_2=t5, tokenizer_2=tiny_tokenizer())
 
 
+def rollout_batch(method, step: int, prompts: list[str], group_size: int = 1, rank: int = 0,
+                  scores: dict[str, list[float]] | None = None):
+    """The Batch a learner of `rank` would hand `method` at `step` for these prompts (each repeated `group_size`
+    times, one group per prompt): the method's own rollout kernel, per-shard seeds and streams. With `scores`,
+    the trajectory carries them, their weighted sum (weights of `method.cfg.reward`) and, when the method uses
+    advantages, the group-normalised advantages of this batch."""
+    import numpy as np
+
+    from rlfew.algos.advantages import group_advantages
+    from rlfew.runtime.prompts import PromptBatch
+    from rlfew.runtime.workers import attach_scores, draw_rollout, learner_batch
+
+    spec = type(method).spec(method.cfg, method.options)
+    shard = PromptBatch([p for p in prompts for _ in range(group_size)],
+                        np.repeat(np.arange(len(prompts)), group_size), group_size)
+    generator = method.roles["generator"]
+    trajectory, _ = draw_rollout(generator, method.cfg, spec.rollout(step), step, shard, rank, decode=False,
+                                 weights_version=step)
+    trajectory = trajectory.to(generator.adapter.device)
+    if scores:
+        weights = {entry.name: entry.weight for entry in method.cfg.reward}
+        tensors = {name: torch.tensor(values, dtype=torch.float64) for name, values in scores.items()}
+        rewards = sum(weights[name] * values for name, values in tensors.items())
+        advantages = (group_advantages(tensors, weights, torch.from_numpy(shard.group_ids), spec.advantages)
+                      if spec.advantages is not None else None)
+        attach_scores(trajectory, {n: v.numpy() for n, v in tensors.items()}, rewards.numpy(),
+                      None if advantages is None else advantages.values.numpy(),
+                      None if advantages is None else advantages.valid.numpy())
+    return learner_batch(method.cfg, generator, step, trajectory, rank)
+
+
 def save_tiny_pipeline(family: str, folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     build_tiny_pipeline(family, seed).save_pretrained(folder)
     return folder
 
+
+
+class VectorFlowAdapter(FlowAdapter):
+    """The flow family's conventions on plain vectors (B, D): `net(x, σ) -> v`, shift 1, no text encoder (every
+    prompt encodes to a zero), and `decode` shows a vector of D = 3·n values as a 1×n image with 3 channels."""
+
+    def __init__(self, dim: int):
+        from diffusers.configuration_utils import FrozenDict
+
+        scheduler = SimpleNamespace(config=FrozenDict(num_train_timesteps=1000, shift=1.0))
+        super().__init__(SimpleNamespace(vae=None, scheduler=scheduler, text_encoder_3=None))
+        self.dim = dim
+
+    def prepare_network(self, net: nn.Module) -> nn.Module:
+        return net
+
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        return Conditioning(embeds=torch.zeros(len(prompts), 1))
+
+    def _forward(self, net, x, sigma, cond):
+        return Prediction.from_velocity(x, sigma, net(x.float(), sigma.float()).to(x.dtype))
+
+    @property
+    def default_resolution(self) -> int:
+        return 1
+
+    def latent_shape(self, resolution: int) -> tuple[int]:
+        return (self.dim,)
+
+    def decode(self, latents: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+        return latents.reshape(len(latents), 3, 1, -1)
+
+
+def vector_roles(dim: int, teacher: nn.Module, **trainable: nn.Module) -> Roles:
+    """A frozen teacher and trainable roles (generator=..., critic=...) on vectors of `dim` values."""
+    adapter = VectorFlowAdapter(dim)
+    roles = {"teacher": Role("teacher", adapter, teacher.requires_grad_(False))}
+    roles.update({name: Role(name, adapter, net, trainable=True) for name, net in trainable.items()})
+    specs = {"teacher": RoleSpec(), **{name: RoleSpec(trainable=True) for name in trainable}}
+    return Roles(adapter, roles, specs)

@@ -17,8 +17,8 @@ for steps in 4 2 1; do
   "$rlfew" eval --model world:student --steps "$steps" --out "$out/student-$steps.json"
 done
 
-"$rlfew" train configs/world/dmdr.yaml --algo dmd "${common[@]}" run.name=dmd-only critic.lora_rank=0
-"$rlfew" train configs/world/dmdr.yaml --algo dmd "${common[@]}" run.name=dmd-gan critic.lora_rank=0 \
+"$rlfew" train configs/world/dmdr.yaml --algo dmd "${common[@]}" run.name=dmd-only roles.critic.lora_rank=0
+"$rlfew" train configs/world/dmdr.yaml --algo dmd "${common[@]}" run.name=dmd-gan roles.critic.lora_rank=0 \
   algo.options.gan_generator_weight=5.0e-3
 "$rlfew" train configs/world/dmdr.yaml "${common[@]}" run.name=reward-only algo.options.distillation_weight=0 \
   algo.options.cold_start_steps=0

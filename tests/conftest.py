@@ -24,3 +24,16 @@ def tiny_pipeline_dir(tmp_path_factory):
         return str(cache[family])
 
     return get
+
+
+@pytest.fixture
+def tiny_config(tiny_pipeline_dir, tmp_path):
+    """`tiny_config(family, *overrides)` -> a validated TrainConfig on a tiny pipeline: 2 generator steps, lr 1e-3
+    for every trainable role, runs under the test's tmp_path. Overrides are `key=value`, as on the command line."""
+    from rlfew.config import load_config
+
+    def make(family: str = "sd3", *overrides: str):
+        return load_config(None, [f"model.source={tiny_pipeline_dir(family)}", "generator.steps=2", "train.lr=1e-3",
+                                  f"run.output_dir={tmp_path / 'runs'}", *overrides])
+
+    return make

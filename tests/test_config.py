@@ -4,10 +4,10 @@ from typing import Literal
 
 import pytest
 
-from rlfew import config as config_module
+from rlfew import method as method_module
 from rlfew.config import (
     ConfigError,
-    RewardEntry,
+    RewardSpec,
     TrainConfig,
     add_config_arguments,
     config_from_args,
@@ -15,10 +15,9 @@ from rlfew.config import (
     config_to_dict,
     load_config,
     parse_reward_spec,
-    register_algo_options,
-    resolve_algo_options,
     save_config,
 )
+from rlfew.method import Method, register_method, resolve_algo_options
 
 
 def write(tmp_path, text, name="recipe.yaml"):
@@ -46,17 +45,16 @@ algo: {name: grpo, options: {group_size: 8}}
 reward:
   - {name: pickscore, weight: 2}
 """)
-    cfg = load_config(path, ["train.steps=200", "train.critic_lr=3e-5", "generator.lora_targets=[to_q, to_v]",
+    cfg = load_config(path, ["train.steps=200", "roles.critic.lr=3e-5", "roles.generator.lora_targets=[to_q, to_v]",
                              "eval.max_prompts=null", "algo.options.clip=0.2", "run.name=2024"])
     assert cfg.run.name == "2024"  # string fields keep the text as typed
     assert cfg.run.seed == 3
     assert cfg.train.steps == 200
     assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
-    assert cfg.train.critic_lr == pytest.approx(3e-5)
-    assert cfg.generator.lora_targets == ["to_q", "to_v"]
+    assert cfg.roles == {"critic": {"lr": pytest.approx(3e-5)}, "generator": {"lora_targets": ["to_q", "to_v"]}}
     assert cfg.eval.max_prompts is None
     assert cfg.algo.options == {"group_size": 8, "clip": 0.2}
-    assert cfg.reward == [RewardEntry(name="pickscore", weight=2.0)]
+    assert cfg.reward == [RewardSpec(name="pickscore", weight=2.0)]
     assert isinstance(cfg.reward[0].weight, float)  # ints are accepted for floats
 
 
@@ -65,7 +63,7 @@ def test_unknown_key_names_dotted_key_and_allowed_keys():
         load_config(None, ["train.stpes=10"])
     message = str(err.value)
     assert "'train.stpes'" in message and "did you mean 'steps'" in message
-    assert "steps, batch_size, lr" in message
+    assert "steps, prompts_per_step, group_size" in message
 
     with pytest.raises(ConfigError, match=r"unknown key 'trian'.*allowed keys: run, model, generator"):
         load_config(None, ["trian.steps=10"])
@@ -73,7 +71,7 @@ def test_unknown_key_names_dotted_key_and_allowed_keys():
 
 def test_unknown_key_in_yaml_nested(tmp_path):
     path = write(tmp_path, "reward:\n  - name: pickscore\n    wieght: 1\n")
-    with pytest.raises(ConfigError, match=r"'reward\[0\]\.wieght'.*name, weight, options"):
+    with pytest.raises(ConfigError, match=r"'reward\[0\]\.wieght'.*name, weight, options, runtime_env"):
         load_config(path)
 
 
@@ -144,23 +142,42 @@ def test_nothing_written_on_error(tmp_path):
 
 
 def test_reward_shortcut_parsing():
-    assert parse_reward_spec("pickscore:1.0,hpsv2:0.5") == [
-        {"name": "pickscore", "weight": 1.0, "options": {}},
-        {"name": "hpsv2", "weight": 0.5, "options": {}},
-    ]
-    assert parse_reward_spec("world_eval") == [{"name": "world_eval", "weight": 1.0, "options": {}}]
+    assert parse_reward_spec("pickscore:1.0,hpsv2:0.5") == [RewardSpec("pickscore", 1.0), RewardSpec("hpsv2", 0.5)]
+    assert parse_reward_spec("world_eval") == [RewardSpec("world_eval")]
     # a module:attr reward keeps its colon; only a trailing number is a weight
-    assert [(e["name"], e["weight"]) for e in parse_reward_spec("my_pkg.rewards:score:2, my_pkg.rewards:other")] == [
+    assert [(e.name, e.weight) for e in parse_reward_spec("my_pkg.rewards:score:2, my_pkg.rewards:other")] == [
         ("my_pkg.rewards:score", 2.0), ("my_pkg.rewards:other", 1.0)]
     with pytest.raises(ConfigError, match="empty entry"):
         parse_reward_spec("pickscore,,hpsv2")
+    with pytest.raises(ConfigError, match="'jpeg' appears twice"):
+        parse_reward_spec("jpeg,jpeg:2")
     cfg = load_config(None, ["reward=pickscore:1.0,hpsv2:0.5"])
-    assert cfg.reward == [RewardEntry("pickscore", 1.0), RewardEntry("hpsv2", 0.5)]
+    assert cfg.reward == [RewardSpec("pickscore", 1.0), RewardSpec("hpsv2", 0.5)]
 
 
 def test_reward_shortcut_in_yaml(tmp_path):
     cfg = load_config(write(tmp_path, "reward: 'clip:2'\n"))
-    assert cfg.reward == [RewardEntry("clip", 2.0)]
+    assert cfg.reward == [RewardSpec("clip", 2.0)]
+
+
+def test_moved_keys_say_where_they_live_now():
+    for old, new in [("train.batch_size=4", "train.prompts_per_step"), ("train.critic_lr=1e-5", "roles.critic.lr"),
+                     ("critic.lora_rank=4", "roles.critic"), ("generator.lora_rank=4", "roles.generator.lora_rank"),
+                     ("generator.eta=0.3", "the method's options"), ("model.family=flow", "the pipeline")]:
+        with pytest.raises(ConfigError, match=new):
+            load_config(None, [old])
+
+
+def test_train_sizes_are_checked_together():
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        load_config(None, ["train.group_size=4", "train.micro_batch_size=6"])
+    with pytest.raises(ConfigError, match="runtime.num_learners=2"):
+        load_config(None, ["train.prompts_per_step=3", "runtime.num_learners=2"])
+    with pytest.raises(ConfigError, match="train.keep_checkpoints"):
+        load_config(None, ["train.keep_checkpoints=0"])
+    cfg = load_config(None, ["train.group_size=4", "train.micro_batch_size=8", "train.prompts_per_step=4",
+                             "runtime.num_learners=2"])
+    assert cfg.train.micro_batch_size == 8
 
 
 @dataclass
@@ -173,9 +190,15 @@ class _ToyOptions:
 
 @pytest.fixture
 def toy_algo(monkeypatch):
-    monkeypatch.setattr(config_module, "_ALGO_OPTIONS", {})
-    register_algo_options("toy", _ToyOptions)
-    return "toy"
+    """A method registered for this test only (the registry is restored afterwards)."""
+    monkeypatch.setattr(method_module, "METHODS", {})
+    monkeypatch.setattr(method_module, "available_methods", lambda: sorted(method_module.METHODS))
+
+    @register_method
+    class Toy(Method):
+        name, Options = "toy", _ToyOptions
+
+    return Toy
 
 
 def test_algo_options_registry(toy_algo):
@@ -192,16 +215,25 @@ def test_algo_options_registry(toy_algo):
 
 
 def test_unknown_algo_lists_registered(toy_algo):
-    with pytest.raises(ConfigError, match=r"algo\.name: unknown method 'nosuchmethod'; registered methods: toy"):
+    with pytest.raises(ConfigError, match=r"algo\.name: unknown method 'nosuchmethod'; allowed: toy"):
         resolve_algo_options(load_config(None, ["algo.name=nosuchmethod"]))
 
 
 def test_register_rejects_conflicts(toy_algo):
-    register_algo_options("toy", _ToyOptions)  # re-registering the same class (module reload) is fine
-    with pytest.raises(ValueError, match="already has options"):
-        register_algo_options("toy", RewardEntry)
+    register_method(toy_algo)  # re-registering the same class (module reload) is fine
+
+    class Other(Method):
+        name, Options = "toy", _ToyOptions
+
+    with pytest.raises(ValueError, match="is taken by"):
+        register_method(Other)
+    Other.name, Other.Options = "other", dict
     with pytest.raises(TypeError, match="must be a dataclass"):
-        register_algo_options("other", dict)
+        register_method(Other)
+
+
+def test_every_method_is_listed_once():
+    assert {"dmd", "dmdr"} <= set(method_module.available_methods())
 
 
 def parse(argv):

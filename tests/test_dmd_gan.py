@@ -12,29 +12,37 @@ from PIL import Image
 from rlfew.algos.gan import (DiscriminatorHead, GANOptions, bottleneck_features, discriminator_loss,
                              generator_adversarial_loss)
 from rlfew.checkpoint import load_checkpoint, save_checkpoint
-from rlfew.config import TrainConfig
 from rlfew.errors import ConfigError, UsageError
-from rlfew.method import get_method
-from rlfew.models import build_roles, tokens_to_map
+from rlfew.method import build_method, get_method
+from rlfew.models import RoleSpec, build_roles, tokens_to_map
 from rlfew.real_images import ImageFolder, WorldRenders, load_real_images
+from rlfew.testing import rollout_batch
 from rlfew.world.evaluator import evaluate
 
-from test_dmd_method import moved, run_iteration, snapshot, teacher_parameters
+PROMPTS = ["a red circle", "two blue squares"]
 
 
-def build_gan_method(source: str, critic_lora_rank: int = 0, ttur: int = 2, weight_decay: float = 0.01,
-                     **gan_options):
-    cfg = TrainConfig()
-    cfg.train.weight_decay = weight_decay
-    cfg.model.source = source
-    cfg.generator.lora_rank, cfg.critic.lora_rank = 4, critic_lora_rank
-    cfg.generator.steps = 2
-    cfg.train.lr = cfg.train.critic_lr = 1e-3
-    method_cls = get_method("dmd")
-    options = method_cls.Options(ttur=ttur, **{"gan_generator_weight": 0.1, "gan_critic_weight": 1.0, **gan_options})
-    roles = build_roles(source, generator_lora_rank=4, lora_alpha=cfg.generator.lora_alpha, dtype=cfg.model.dtype,
-                        **method_cls.role_spec(cfg, options))
-    return method_cls(roles, options, cfg)
+@pytest.fixture
+def gan_method(tiny_config):
+    """`gan_method(family, critic_rank, ttur, *option_strings, overrides=())`: DMD with a LoRA generator and the GAN
+    head at λ_G 0.1, λ_D 1."""
+    def build(family="sd3", critic_rank=0, ttur=2, *options: str, overrides: tuple[str, ...] = ()):
+        algo = ", ".join([f"ttur: {ttur}", "gan_generator_weight: 0.1", "gan_critic_weight: 1.0", *options])
+        return build_method(tiny_config(family, "roles.generator.lora_rank=4", f"roles.critic.lora_rank={critic_rank}",
+                                        f"algo.options={{{algo}}}", *overrides))
+    return build
+
+
+def run_iteration(method, step: int) -> dict[str, float]:
+    return method.train_step(rollout_batch(method, step, PROMPTS)).metrics
+
+
+def snapshot(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def moved(before, params) -> bool:
+    return any(not torch.equal(b, p) for b, p in zip(before, params))
 
 
 # ------------------------------------------------------------------------------------------- losses
@@ -93,7 +101,7 @@ def test_tokens_to_map_inverts_patch_embedding_flattening():
 
 
 def test_tokens_to_map_of_flux_packed_latents_is_a_pixel_unshuffle(tiny_pipeline_dir):
-    adapter = build_roles(tiny_pipeline_dir("flux")).adapter
+    adapter = build_roles(tiny_pipeline_dir("flux"), {"teacher": RoleSpec()}).adapter
     x = torch.randn(2, 4, 8, 6)
     torch.testing.assert_close(tokens_to_map(adapter.pack(x), 4, 3), torch.nn.functional.pixel_unshuffle(x, 2),
                                atol=0, rtol=0)
@@ -101,8 +109,8 @@ def test_tokens_to_map_of_flux_packed_latents_is_a_pixel_unshuffle(tiny_pipeline
 
 @pytest.mark.parametrize("family", ["sd3", "sd", "sdxl", "flux"])
 def test_bottleneck_features_are_the_middle_block_output_and_stop_the_forward(tiny_pipeline_dir, family):
-    roles = build_roles(tiny_pipeline_dir(family), critic="full")
-    critic, adapter = roles.critic, roles.adapter
+    roles = build_roles(tiny_pipeline_dir(family), {"critic": RoleSpec(trainable=True)})
+    critic, adapter = roles["critic"], roles.adapter
     x = torch.randn(2, *adapter.latent_shape(adapter.default_resolution))
     cond = adapter.encode_prompts(["a red circle", "a blue square"])
     block = adapter.bottleneck(critic.net)
@@ -131,123 +139,119 @@ def test_bottleneck_features_are_the_middle_block_output_and_stop_the_forward(ti
 # ------------------------------------------------------------------------------------ in the method
 
 @pytest.mark.parametrize("family,critic_rank", [("sd3", 0), ("sd3", 4), ("sd", 0)])
-def test_gan_head_trains_with_the_critic_and_joins_the_generator_loss(tiny_pipeline_dir, family, critic_rank):
-    method = build_gan_method(tiny_pipeline_dir(family), critic_rank)
-    head = method.gan.parameters()
-    assert all(any(p is q for q in method.critic_params) for p in head)  # in the critic's optimiser
-    teacher = teacher_parameters(method)
-    teacher_before = snapshot(teacher.values())
-    rng = torch.Generator().manual_seed(0)
+def test_gan_head_trains_with_the_critic_and_joins_the_generator_loss(gan_method, family, critic_rank):
+    method = gan_method(family, critic_rank)
+    head = method.optimizers["discriminator"].params
+    assert {id(p) for p in head} == {id(p) for p in method.gan.head.parameters()}  # its own optimiser
+    teacher = [p for n, p in method.roles["teacher"].net.named_parameters() if ".lora_" not in n]
+    teacher_before = snapshot(teacher)
     for step in range(4):
         head_before = snapshot(head)
-        metrics = run_iteration(method, step, rng)
+        metrics = run_iteration(method, step)
         assert all(math.isfinite(v) for v in metrics.values()), metrics
         assert moved(head_before, head)  # every critic turn trains the head
-        assert metrics["critic_loss"] == pytest.approx(
-            metrics["critic_denoising_loss"] + 1.0 * metrics["gan_critic_loss"], rel=1e-5)
+        assert metrics["loss/critic"] == pytest.approx(
+            metrics["loss/critic_denoising"] + 1.0 * metrics["loss/gan_critic"], rel=1e-5)  # λ_D = 1
         if step % 2 == 0:
-            assert metrics["generator_loss"] == pytest.approx(
-                metrics["dmd_loss"] + 0.1 * metrics["gan_generator_loss"], rel=1e-5)
-    assert not moved(teacher_before, teacher.values())
-    assert method.updates == {"generator": 2, "critic": 4}
+            assert metrics["loss/generator"] == pytest.approx(
+                metrics["loss/dmd"] + 0.1 * metrics["loss/gan_generator"], rel=1e-5)  # λ_G = 0.1
+    assert not moved(teacher_before, teacher)
+    assert {name: opt.steps for name, opt in method.optimizers.items()} == {"generator": 2, "critic": 4,
+                                                                             "discriminator": 4}
 
 
 @pytest.mark.parametrize("weight", [1.0, 1e-12])
-def test_generator_gradient_carries_the_adversarial_term(tiny_pipeline_dir, monkeypatch, weight):
+def test_generator_gradient_carries_the_adversarial_term(gan_method, monkeypatch, weight):
     """With the DM direction switched off (its loss is then exactly 0) and no weight decay, only the adversarial
     term can move the generator: it does with λ_G = 1, and (all but) not with λ_G = 1e-12. The generator step
     leaves the critic and the head untouched, without gradients."""
-    import rlfew.algos.dmd as dmd_module
+    import rlfew.algos.distribution_matching as distribution_matching
 
-    method = build_gan_method(tiny_pipeline_dir("sd3"), weight_decay=0.0, gan_generator_weight=weight)
-    monkeypatch.setattr(dmd_module, "dmd_direction", lambda x, *args, **kwargs: torch.zeros_like(x, dtype=torch.float64))
-    critic = method.critic_params
-    before, critic_before = snapshot(method.generator_params), snapshot(critic)
+    method = gan_method("sd3", 0, 2, f"gan_generator_weight: {weight}", overrides=("train.weight_decay=0",))
+    monkeypatch.setattr(distribution_matching, "dmd_direction",
+                        lambda x, *args, **kwargs: torch.zeros_like(x, dtype=torch.float64))
+    others = method.optimizers["critic"].params + method.optimizers["discriminator"].params
+    generator = method.optimizers["generator"]
+    before, others_before = snapshot(generator.params), snapshot(others)
     after_generator_step = {}
-    update = method._update
+    step = generator.step
 
-    def spy(loss, role):
-        grad_norm = update(loss, role)
-        if role == "generator":
-            after_generator_step.update(critic=snapshot(critic), grads=[p.grad for p in critic])
-        return grad_norm
+    def spy():
+        result = step()
+        after_generator_step.update(others=snapshot(others), grads=[p.grad for p in others])
+        return result
 
-    monkeypatch.setattr(method, "_update", spy)
-    metrics = run_iteration(method, 0, torch.Generator().manual_seed(1))
-    assert metrics["dmd_loss"] == 0.0 and metrics["gan_generator_loss"] > 0
-    change = max((a - b).abs().max().item() for a, b in zip(before, method.generator_params))
+    monkeypatch.setattr(generator, "step", spy)
+    metrics = run_iteration(method, 0)
+    assert metrics["loss/dmd"] == 0.0 and metrics["loss/gan_generator"] > 0
+    change = max((a - b).abs().max().item() for a, b in zip(before, generator.params))
     assert change > 1e-6 if weight == 1.0 else change < 1e-9
-    assert not moved(critic_before, after_generator_step["critic"])
+    assert not moved(others_before, after_generator_step["others"])
     assert all(grad is None for grad in after_generator_step["grads"])
 
 
-def test_discriminator_learns_to_tell_world_renders_from_generator_samples(tiny_pipeline_dir):
+def test_discriminator_learns_to_tell_world_renders_from_generator_samples(gan_method):
     """Critic turns only (the generator turn comes once): the head must separate real renders from the random
     tiny generator's samples, i.e. D(real) ends well above D(fake)."""
-    method = build_gan_method(tiny_pipeline_dir("sd3"), ttur=10_000, gan_sigma_range=[0.0, 0.3])
-    rng = torch.Generator().manual_seed(0)
-    gaps = [(m["gan_real_logit"] - m["gan_fake_logit"]) for m in (run_iteration(method, s, rng) for s in range(30))]
+    method = gan_method("sd3", 0, 10_000, "gan_sigma_range: [0.0, 0.3]")
+    gaps = [(m["gan/real_logit"] - m["gan/fake_logit"]) for m in (run_iteration(method, s) for s in range(30))]
+    # seen (seed 0): first gap 0.02, mean of the last 5 ≈ 2.4
     assert np.mean(gaps[-5:]) > 1.0 > abs(np.mean(gaps[:1]))
 
 
-def test_resume_with_a_gan_head_is_bit_exact(tiny_pipeline_dir, tmp_path):
-    source = tiny_pipeline_dir("sd3")
-    original = build_gan_method(source)
-    rng = torch.Generator().manual_seed(0)
+def test_resume_with_a_gan_head_is_bit_exact(gan_method, tmp_path):
+    original = gan_method()
     for step in range(3):
-        run_iteration(original, step, rng)
+        run_iteration(original, step)
     state = original.state_dict()
-    assert "gan_head" in state["tensors"]
-    checkpoint = load_checkpoint(save_checkpoint(tmp_path, 3, state["tensors"], state["state"], rng=False))
-    resumed = build_gan_method(source)
+    assert "discriminator" in state["tensors"]
+    checkpoint = load_checkpoint(save_checkpoint(tmp_path, 3, state["tensors"], state["state"]))
+    resumed = gan_method()
     resumed.load_state_dict({"tensors": checkpoint.tensors, "state": checkpoint.state})
-    resumed_rng = torch.Generator().manual_seed(0)
-    resumed_rng.set_state(rng.get_state())
     for step in (3, 4):
-        assert run_iteration(resumed, step, resumed_rng) == run_iteration(original, step, rng)
-    assert all(torch.equal(a, b) for a, b in zip(original.gan.parameters(), resumed.gan.parameters()))
+        assert run_iteration(resumed, step) == run_iteration(original, step)
+    assert all(torch.equal(a, b) for a, b in zip(original.gan.head.parameters(), resumed.gan.head.parameters()))
 
-    with pytest.raises(UsageError, match="has a GAN head"):
-        build_gan_method(source, gan_generator_weight=0.0).load_state_dict(
+    with pytest.raises(UsageError, match="discriminator"):
+        gan_method("sd3", 0, 2, "gan_generator_weight: 0.0").load_state_dict(
             {"tensors": checkpoint.tensors, "state": checkpoint.state})
 
 
-def test_a_run_without_the_head_resumes_with_a_fresh_one(tiny_pipeline_dir, tmp_path):
+def test_a_run_without_the_head_resumes_with_a_fresh_one(gan_method, tmp_path):
     """DMD2's SD1.5 protocol: distil without the GAN, then resume with it. The critic's optimiser state carries
     over; the head starts fresh and trains."""
-    source = tiny_pipeline_dir("sd3")
-    plain = build_gan_method(source, gan_generator_weight=0.0)
-    rng = torch.Generator().manual_seed(0)
+    plain = gan_method("sd3", 0, 2, "gan_generator_weight: 0.0")
     for step in range(2):
-        run_iteration(plain, step, rng)
+        run_iteration(plain, step)
     state = plain.state_dict()
-    checkpoint = load_checkpoint(save_checkpoint(tmp_path, 2, state["tensors"], state["state"], rng=False))
-    with_head = build_gan_method(source)
+    checkpoint = load_checkpoint(save_checkpoint(tmp_path, 2, state["tensors"], state["state"]))
+    with_head = gan_method()
     with_head.load_state_dict({"tensors": checkpoint.tensors, "state": checkpoint.state})
-    critic_state = with_head.critic_optimizer.state_dict()["state"]
-    assert torch.equal(critic_state[0]["exp_avg"], plain.critic_optimizer.state_dict()["state"][0]["exp_avg"])
-    head_before = snapshot(with_head.gan.parameters())
-    metrics = run_iteration(with_head, 2, rng)
-    assert math.isfinite(metrics["gan_critic_loss"]) and moved(head_before, with_head.gan.parameters())
+    critic_state = with_head.optimizers["critic"].optimizer.state_dict()["state"]
+    assert torch.equal(critic_state[0]["exp_avg"], plain.optimizers["critic"].optimizer.state_dict()["state"][0]["exp_avg"])
+    assert with_head.optimizers["discriminator"].steps == 0
+    head_before = snapshot(with_head.gan.head.parameters())
+    metrics = run_iteration(with_head, 2)
+    assert math.isfinite(metrics["loss/gan_critic"]) and moved(head_before, with_head.gan.head.parameters())
 
 
-def test_uncaptioned_folder_puts_real_and_fake_through_the_empty_prompt(tiny_pipeline_dir, tmp_path):
+def test_uncaptioned_folder_puts_real_and_fake_through_the_empty_prompt(gan_method, tmp_path):
     for index in range(3):
         Image.fromarray(np.full((40, 24, 3), 60 * index, dtype=np.uint8)).save(tmp_path / f"{index}.png")
-    method = build_gan_method(tiny_pipeline_dir("sd3"), gan_real_images=str(tmp_path))
+    method = gan_method("sd3", 0, 2, f"gan_real_images: '{tmp_path}'")
     assert not method.gan.real_images.captioned
     cond = method.roles.adapter.encode_prompts(["a red circle", "a blue square"])
     empty = method.gan._fake_cond(cond)
     assert torch.equal(empty.embeds, method.roles.adapter.unconditional(2).embeds)
-    metrics = run_iteration(method, 1, torch.Generator().manual_seed(0))  # a critic-only iteration
-    assert math.isfinite(metrics["gan_critic_loss"])
+    metrics = run_iteration(method, 1)  # a critic-only iteration
+    assert math.isfinite(metrics["loss/gan_critic"])
 
 
-def test_real_captions_are_encoded_without_growing_the_prompt_cache(tiny_pipeline_dir):
-    method = build_gan_method(tiny_pipeline_dir("sd3"))  # world renders: captioned
+def test_real_captions_are_encoded_without_growing_the_prompt_cache(gan_method):
+    method = gan_method()  # world renders: captioned
     adapter = method.roles.adapter
     cached = set(adapter._prompt_cache)
-    run_iteration(method, 1, torch.Generator().manual_seed(0))
+    run_iteration(method, 1)
     assert set(adapter._prompt_cache) == cached | {"a red circle", "two blue squares"}  # the batch's prompts only
     fresh = adapter.encode_prompts(["a green circle"], cache=False)
     assert "a green circle" not in adapter._prompt_cache
@@ -316,18 +320,18 @@ def test_train_with_a_gan_head_on_an_image_folder_resumes_with_the_same_metrics(
         (images / f"{index}.txt").write_text(caption)
     (tmp_path / "prompts.txt").write_text("a red circle\ntwo blue squares\n")
     common = ["train", f"model.source={tiny_pipeline_dir('sd3')}", f"train.prompts={tmp_path / 'prompts.txt'}",
-              "train.batch_size=2", "train.log_every=1", "train.sample_every=0", "train.save_every=2",
-              "generator.lora_rank=4", "critic.lora_rank=0", "runtime.backend=inprocess",
+              "train.prompts_per_step=2", "train.log_every=1", "train.sample_every=0", "train.save_every=2",
+              "roles.generator.lora_rank=4", "roles.critic.lora_rank=0", "runtime.backend=inprocess",
               f"run.output_dir={tmp_path / 'runs'}",
               f"algo.options={{ttur: 2, gan_generator_weight: 0.01, gan_real_images: {images}}}"]
     assert main([*common, "train.steps=4", "run.name=straight"]) == 0
     assert main([*common, "train.steps=2", "run.name=resumed"]) == 0
     assert main([*common, "train.steps=4", "run.name=resumed", "run.resume=auto"]) == 0
     runs = tmp_path / "runs"
-    assert (runs / "straight" / "checkpoints" / "step_4" / "gan_head.safetensors").is_file()
+    assert (runs / "straight" / "checkpoints" / "step_4" / "discriminator.safetensors").is_file()
     straight, resumed = ([json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
                          for name in ("straight", "resumed"))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     drop_times = lambda records: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
     assert drop_times(resumed) == drop_times(straight)
-    assert all("gan_critic_loss" in r for r in straight)
+    assert all("loss/gan_critic" in r for r in straight)

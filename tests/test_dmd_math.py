@@ -1,8 +1,8 @@
 """DMD-family math against closed forms (ALGORITHMS.md §1.9 tests 1–9, §2.6 schedules).
 
-Toy roles run through the real adapter protocol: `VectorFlowAdapter` is the flow family's convention on plain
-vectors (a network maps (x, σ) to a velocity), so `Role.predict`, `critic_denoising_loss`, `sample` and the DMD
-method itself run unchanged on analytic teachers and small MLPs.
+Toy roles run through the real adapter protocol (`rlfew.testing.vector_roles`: the flow family's convention on
+plain vectors, a network maps (x, σ) to a velocity), so `Role.predict`, `critic_denoising_loss`, `sample` and the
+DMD method itself run unchanged on analytic teachers and small MLPs.
 """
 
 import math
@@ -11,33 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from rlfew.algos.common import (backward_simulation_input, critic_denoising_loss, dmd_direction, dmd_loss,
-                                dynadg_real_lora_scale, dynars_beta, dynars_fractions, fraction_to_sigma,
-                                uniform_sigma_sampler)
+from rlfew.algos.distribution_matching import (backward_simulation_input, critic_denoising_loss, dmd_direction,
+                                               dmd_loss, dynadg_real_lora_scale, dynars_beta, dynars_fractions,
+                                               fraction_to_sigma, uniform_sigma_sampler)
 from rlfew.algos.dmd import DMD
 from rlfew.config import TrainConfig
-from rlfew.method import Batch
-from rlfew.models import Conditioning, FlowAdapter, ModelRoles, Prediction, Role, add_noise, build_roles
+from rlfew.method import Batch, build_method
+from rlfew.models import Conditioning, Role, RoleSpec, add_noise, build_roles
 from rlfew.sampling import CPS, sample
+from rlfew.testing import VectorFlowAdapter, rollout_batch, vector_roles
 
 
 # ------------------------------------------------------------------------------------------ toy roles
-
-class VectorFlowAdapter(FlowAdapter):
-    """Flow conventions for vectors (B, D): `net(x, σ) -> v`, no text encoder, no VAE, shift 1."""
-
-    def __init__(self):  # no pipeline to read: the schedule is the identity (σ = t / 1000)
-        self.device = torch.device("cpu")
-        self.num_train_timesteps = 1000
-        self.default_shift = 1.0
-        self._prompt_cache = {}
-
-    def _encode(self, prompts):
-        return Conditioning(embeds=torch.zeros(len(prompts), 1))
-
-    def _forward(self, net, x, sigma, cond):
-        return Prediction.from_velocity(x, sigma, net(x.float(), sigma.float()).to(x.dtype))
-
 
 class VelocityMLP(nn.Module):
     def __init__(self, dim: int, width: int = 64):
@@ -79,14 +64,21 @@ class GaussianMixtureDenoiser(nn.Module):
         return ((x.double() - self.posterior_mean(x, sigma)) / sigma[:, None]).to(x.dtype)
 
 
-def toy_dmd(generator_net, critic_net, teacher_net, lr=1e-3, critic_lr=1e-3, **options) -> DMD:
-    adapter = VectorFlowAdapter()
-    roles = ModelRoles(adapter=adapter, teacher=Role("teacher", adapter, teacher_net.requires_grad_(False)),
-                       generator=Role("generator", adapter, generator_net, trainable=True),
-                       critic=Role("critic", adapter, critic_net, trainable=True))
+def toy_dmd(generator_net, critic_net, teacher_net, lr=1e-3, **options) -> DMD:
+    """DMD on 2-D vectors: an analytic or MLP teacher, MLP generator and critic, no CFG, no weight decay."""
     cfg = TrainConfig()
-    cfg.train.lr, cfg.train.critic_lr, cfg.train.weight_decay = lr, critic_lr, 0.0
+    cfg.train.lr, cfg.train.weight_decay = lr, 0.0
+    roles = vector_roles(2, teacher_net, generator=generator_net, critic=critic_net)
     return DMD(roles, DMD.Options(real_guidance=1.0, **options), cfg)
+
+
+def toy_batch(method, step: int, batch: int, rng: torch.Generator) -> Batch:
+    """A CPS(η=1) rollout of the toy generator, one stream for the shared and the per-rank draws."""
+    with torch.no_grad():
+        trajectory = sample(method.roles["generator"], Conditioning(embeds=torch.zeros(batch, 1)),
+                            method.roles.adapter.sigma_grid(2), CPS(1.0), prompts=[""] * batch, generator=rng,
+                            decode=False)
+    return Batch(step, trajectory, Conditioning(embeds=torch.zeros(batch, 1)), shared_rng=rng, rng=rng)
 
 
 def gaussian_posterior_mean(x, sigma, mean, std):
@@ -166,21 +158,12 @@ def test_direction_vanishes_when_the_fake_score_equals_the_real_one():
         assert torch.equal(dmd_direction(x, x0, x0.clone(), normalise=normalise), torch.zeros(5, 3, dtype=torch.float64))
 
 
-def test_dmd_on_a_real_pipeline_gives_zero_direction_when_the_critic_is_the_teacher(tiny_pipeline_dir):
+def test_dmd_on_a_real_pipeline_gives_zero_direction_when_the_critic_is_the_teacher(tiny_config):
     """§1.9-6 through the method: a fresh full critic is the teacher's copy, so with real guidance 1 g ≡ 0."""
-    cfg = TrainConfig()
-    cfg.critic.lora_rank = 0
-    options = DMD.Options(real_guidance=1.0)
-    roles = build_roles(tiny_pipeline_dir("sd3"), generator_lora_rank=4, **DMD.role_spec(cfg, options))
-    method = DMD(roles, options, cfg)
-    prompts = ["a red circle", "two blue squares"]
-    cond = roles.adapter.encode_prompts(prompts)
-    rng = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        trajectory = sample(roles.generator, cond, roles.adapter.sigma_grid(2), DMD.rollout_sampler(cfg, options),
-                            prompts=prompts, generator=rng, decode=False)
-    metrics = method.train_step(Batch(0, trajectory, cond, rng))
-    assert metrics["dmd_direction_abs_mean"] == 0.0 and metrics["dmd_loss"] == 0.0
+    method = build_method(tiny_config("sd3", "roles.critic.lora_rank=0", "roles.generator.lora_rank=4",
+                                      "algo.options={real_guidance: 1.0}"))
+    result = method.train_step(rollout_batch(method, 0, ["a red circle", "two blue squares"]))
+    assert result.metrics["dmd/direction_abs_mean"] == 0.0 and result.metrics["loss/dmd"] == 0.0
 
 
 # ------------------------------------------------------------------------------ 5: the critic's optimum
@@ -189,7 +172,7 @@ def test_critic_denoising_loss_learns_the_posterior_mean_of_a_gaussian():
     """§1.9-5: an MLP trained with critic_denoising_loss on N(μ, s²) samples approaches the analytic x̂0."""
     torch.manual_seed(0)
     mean, std, steps = 1.5, 0.5, 1500
-    adapter = VectorFlowAdapter()
+    adapter = VectorFlowAdapter(1)
     critic = Role("critic", adapter, VelocityMLP(1, width=32), trainable=True)
     optimizer = torch.optim.Adam(critic.trainable_parameters(), lr=1e-2)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)  # decay: less optimiser noise at the end
@@ -197,7 +180,8 @@ def test_critic_denoising_loss_learns_the_posterior_mean_of_a_gaussian():
     cond = Conditioning(embeds=torch.zeros(256, 1))
     rng = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        loss = critic_denoising_loss(critic, mean + std * torch.randn(256, 1, generator=rng), cond, sampler, rng)
+        loss = critic_denoising_loss(critic, mean + std * torch.randn(256, 1, generator=rng), cond,
+                                     sampler(256, rng), torch.randn(256, 1, generator=rng))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -223,22 +207,19 @@ def test_ttur_gives_one_generator_step_per_ratio_and_a_critic_step_every_iterati
     ratio, generator_turns = 3, 4
     teacher = GaussianMixtureDenoiser(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), 0.3)
     method = toy_dmd(VelocityMLP(2), VelocityMLP(2), teacher, ttur=ratio)
-    cond = Conditioning(embeds=torch.zeros(16, 1))
     rng = torch.Generator().manual_seed(0)
-    sigmas = method.roles.adapter.sigma_grid(2)
+    generator_params, critic_params = method.optimizers["generator"].params, method.optimizers["critic"].params
     for step in range(ratio * generator_turns):
-        generator_before = [p.detach().clone() for p in method.generator_params]
-        critic_before = [p.detach().clone() for p in method.critic_params]
-        with torch.no_grad():
-            trajectory = sample(method.roles.generator, cond, sigmas, CPS(1.0), prompts=[""] * 16, generator=rng,
-                                latent_shape=(2,), decode=False)
-        metrics = method.train_step(Batch(step, trajectory, cond, rng))
-        generator_moved = any(not torch.equal(a, p) for a, p in zip(generator_before, method.generator_params))
-        critic_moved = all(not torch.equal(a, p) for a, p in zip(critic_before, method.critic_params))
-        assert generator_moved == (step % ratio == 0) == bool(metrics["generator_step"])
+        generator_before = [p.detach().clone() for p in generator_params]
+        critic_before = [p.detach().clone() for p in critic_params]
+        result = method.train_step(toy_batch(method, step, 16, rng))
+        generator_moved = any(not torch.equal(a, p) for a, p in zip(generator_before, generator_params))
+        critic_moved = all(not torch.equal(a, p) for a, p in zip(critic_before, critic_params))
+        assert generator_moved == (step % ratio == 0) == bool(result.metrics["updated/generator"])
         assert critic_moved
-        assert all(p.grad is None for p in method.generator_params + method.critic_params)
-    assert method.updates == {"generator": generator_turns, "critic": ratio * generator_turns}
+        assert all(p.grad is None for p in generator_params + critic_params)
+    assert {name: opt.steps for name, opt in method.optimizers.items()} == {"generator": generator_turns,
+                                                                             "critic": ratio * generator_turns}
 
 
 # ----------------------------------------------------------------------------- 8: backward simulation
@@ -246,13 +227,13 @@ def test_ttur_gives_one_generator_step_per_ratio_and_a_critic_step_every_iterati
 def test_backward_simulation_on_a_four_step_vp_rollout(tiny_pipeline_dir):
     """§1.9-8: t_in ∈ {999, 749, 499, 249}; k = 0 is the prior sample (pure noise); later states are the previous
     x̂0 re-noised with fresh unit noise; equal seeds give equal k, and every k occurs."""
-    roles = build_roles(tiny_pipeline_dir("sd"), generator_lora_rank=4)
+    roles = build_roles(tiny_pipeline_dir("sd"), {"generator": RoleSpec(lora_rank=4, trainable=True)})
     adapter = roles.adapter
     prompts = ["a red circle", "a blue square"]
     cond = adapter.encode_prompts(prompts)
     noise = torch.randn(2, *adapter.latent_shape(adapter.default_resolution), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        trajectory = sample(roles.generator, cond, adapter.sigma_grid(4), CPS(1.0), prompts=prompts, noise=noise,
+        trajectory = sample(roles["generator"], cond, adapter.sigma_grid(4), CPS(1.0), prompts=prompts, noise=noise,
                             generator=torch.Generator().manual_seed(1), decode=False)
     chosen = {}
     for seed in range(40):
@@ -274,12 +255,22 @@ def test_backward_simulation_on_a_four_step_vp_rollout(tiny_pipeline_dir):
 def test_noise_level_fractions_map_to_the_training_timesteps(tiny_pipeline_dir):
     """VP: fractions 0.02 / 0.98 / 1 are t = 20 / 980 / 999 (DMD2's range); flow: fractions are warped by the
     scheduler's shift exactly as the few-step grid is, so the unshifted grid points give sigma_grid."""
-    vp = build_roles(tiny_pipeline_dir("sd")).adapter
+    vp = build_roles(tiny_pipeline_dir("sd"), {"teacher": RoleSpec()}).adapter
     sigma = fraction_to_sigma(vp, torch.tensor([0.0, 0.02, 0.98, 1.0]))
     torch.testing.assert_close(vp.timestep(sigma), torch.tensor([0.0, 20.0, 980.0, 999.0], dtype=torch.float64))
-    flow = build_roles(tiny_pipeline_dir("sd3")).adapter
+    flow = build_roles(tiny_pipeline_dir("sd3"), {"teacher": RoleSpec()}).adapter
     assert flow.default_shift == 3.0
     torch.testing.assert_close(fraction_to_sigma(flow, flow.unshifted_grid(4)), flow.sigma_grid(4)[:-1])
+
+
+def test_flux_noise_levels_follow_its_resolution_dependent_shift(tiny_pipeline_dir):
+    """M5: FLUX's grid warps fractions with a shift that depends on the image size; the DM and critic noise
+    levels use the same warp at the run's resolution (the old code took the static default shift)."""
+    flux = build_roles(tiny_pipeline_dir("flux"), {"teacher": RoleSpec()}).adapter
+    for resolution in (64, 256):
+        torch.testing.assert_close(fraction_to_sigma(flux, flux.unshifted_grid(4), resolution=resolution),
+                                   flux.sigma_grid(4, resolution=resolution)[:-1])
+    assert not torch.allclose(flux.sigma_grid(4, resolution=64), flux.sigma_grid(4, resolution=256))
 
 
 def test_dynars_mean_anneals_from_beta_4_1p5_to_uniform():
@@ -317,7 +308,7 @@ def test_one_step_generator_distils_an_eight_mode_mixture():
     torch.manual_seed(0)
     angles = torch.arange(8) * (2 * math.pi / 8)
     teacher = GaussianMixtureDenoiser(2.0 * torch.stack([angles.cos(), angles.sin()], 1), std=0.3)
-    method = toy_dmd(VelocityMLP(2, 128), VelocityMLP(2, 128), teacher, lr=3e-3, critic_lr=3e-3, ttur=5)
+    method = toy_dmd(VelocityMLP(2, 128), VelocityMLP(2, 128), teacher, lr=3e-3, ttur=5)
     batch = 256
     cond = Conditioning(embeds=torch.zeros(batch, 1))
     rng = torch.Generator().manual_seed(0)
@@ -325,16 +316,16 @@ def test_one_step_generator_distils_an_eight_mode_mixture():
 
     def rollout():
         with torch.no_grad():
-            return sample(method.roles.generator, cond, sigmas, CPS(1.0), prompts=[""] * batch, generator=rng,
-                          latent_shape=(2,), decode=False)
+            return sample(method.roles["generator"], cond, sigmas, CPS(1.0), prompts=[""] * batch, generator=rng,
+                          decode=False)
 
     def near_a_mode(samples):
         return float((torch.cdist(samples.double(), teacher.means).min(1).values < 2 * teacher.std).double().mean())
 
     initial = rollout().final_latents
     for step in range(4000):
-        metrics = method.train_step(Batch(step, rollout(), cond, rng))
-        assert math.isfinite(metrics["critic_loss"])
+        result = method.train_step(Batch(step, rollout(), cond, shared_rng=rng, rng=rng))
+        assert math.isfinite(result.metrics["loss/critic"])
     final = rollout().final_latents
     teacher_samples = teacher.means[torch.randint(8, (100_000,), generator=rng)]
     teacher_samples = teacher_samples + teacher.std * torch.randn(teacher_samples.shape, generator=rng, dtype=torch.float64)

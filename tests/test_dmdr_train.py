@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from rlfew.cli import main
-from rlfew.config import load_config, resolve_algo_options
+from rlfew.config import load_config
+from rlfew.method import resolve_method
 from rlfew.rewards.clip_rewards import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from rlfew.rewards.tiny import build_tiny_clip
 
@@ -61,9 +62,9 @@ def assert_dmdr_ran(run_dir: Path, steps: int) -> list[dict]:
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, float)), records
     first = records[0]
-    assert first["generator_step"] == 1.0 and first["reward_active"] == 1.0
-    assert first["generator_loss"] == pytest.approx(first["dmd_loss"] + 0.05 * first["reward_loss"], rel=1e-5)
-    assert all(r["critic_loss"] > 0 for r in records)
+    assert first["updated/generator"] == 1.0 and first["schedule/reward_active"] == 1.0
+    assert first["loss/generator"] == pytest.approx(first["loss/dmd"] + 0.05 * first["loss/reward"], rel=1e-5)
+    assert all(r["loss/critic"] > 0 for r in records)
     return records
 
 
@@ -78,7 +79,7 @@ def test_rlfew_train_dmdr_with_pickscore_through_ray(tiny_pipeline_dir, tiny_cli
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "RAY_AUTH_MODE": "disabled"}
     command = [sys.executable, "-m", "rlfew.cli", "train", "--algo", "dmdr", "--reward", reward,
-               "--model", tiny_pipeline_dir("sd"), "train.steps=2", "train.batch_size=2", "train.log_every=1",
+               "--model", tiny_pipeline_dir("sd"), "train.steps=2", "train.prompts_per_step=2", "train.log_every=1",
                "train.save_every=2", "train.sample_every=2", f"train.prompts={prompts_file}",
                f"eval.prompts={prompts_file}", "runtime.num_cpus=2", f"run.output_dir={tmp_path / 'runs'}",
                "run.name=dmdr"]
@@ -107,7 +108,7 @@ def test_recipe_trains_two_iterations_on_a_tiny_pipeline_of_its_family(recipe, f
     code = main(["train", str(REPO / "configs" / recipe / "dmdr.yaml"), f"model.source={tiny_pipeline_dir(family)}",
                  "generator.source=null", "model.resolution=null",
                  f"reward=[{{name: pickscore, options: {tiny_pickscore}}}]", "algo.options.cold_start_steps=0",
-                 "algo.options.reward_weight=0.05", "train.steps=2", "train.batch_size=2", "train.log_every=1",
+                 "algo.options.reward_weight=0.05", "train.steps=2", "train.prompts_per_step=2", "train.log_every=1",
                  "train.sample_every=0", "train.save_every=2", f"train.prompts={prompts_file}",
                  f"eval.prompts={prompts_file}", "runtime.backend=inprocess", f"run.output_dir={tmp_path}",
                  "run.name=recipe"])
@@ -118,7 +119,7 @@ def test_recipe_trains_two_iterations_on_a_tiny_pipeline_of_its_family(recipe, f
 def test_world_recipe_loads_and_validates():
     """configs/world/dmdr.yaml needs the world:student asset to run; its config must already be valid."""
     cfg = load_config(REPO / "configs" / "world" / "dmdr.yaml")
-    options = resolve_algo_options(cfg)
+    resolved = resolve_method(cfg)
     assert (cfg.algo.name, cfg.model.source, cfg.generator.source) == ("dmdr", "world:teacher", "world:student")
-    assert [entry.name for entry in cfg.reward] == ["world-clip"] and options.dynadg and options.dynars
-    assert cfg.critic.lora_rank > 0  # DynaDG's critic is a LoRA on the teacher
+    assert [entry.name for entry in cfg.reward] == ["world-clip"] and resolved.options.dynadg and resolved.options.dynars
+    assert resolved.roles["critic"].lora_rank > 0  # DynaDG's critic is a LoRA on the teacher

@@ -1,26 +1,41 @@
-"""Family adapters and roles, through tiny real diffusers pipelines saved and reloaded from disk."""
+"""Family adapters and roles, through tiny real diffusers pipelines saved and reloaded from disk, for every family
+(FLUX's own conventions and its equivalence with FluxPipeline are in test_models_flux.py)."""
 
 import pytest
 import torch
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from rlfew.errors import ModelLoadError, UsageError
-from rlfew.models import Prediction, add_noise, build_roles, load_pipeline, make_adapter
+from rlfew.models import Prediction, RoleSpec, add_noise, build_roles, load_pipeline, make_adapter
 from rlfew.models.vp import VPAdapter
 
-FAMILIES = ["sd3", "sd", "sd-v", "sdxl"]
+FAMILIES = ["sd3", "sd", "sd-v", "sdxl", "flux"]
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
+# Generator and critic LoRAs on one network; the reference is that network with every adapter off.
+SHARED_TABLE = {"teacher": RoleSpec(init="teacher"),
+                "generator": RoleSpec(init="student", lora_rank=4, trainable=True),
+                "critic": RoleSpec(init="teacher", lora_rank=4, trainable=True),
+                "reference": RoleSpec(init="student")}
+
+
+class _Roles:
+    """Attribute access to the roles for the tests below (roles.teacher, roles.generator, ...)."""
+
+    def __init__(self, roles):
+        self.adapter = roles.adapter
+        for name in roles:
+            setattr(self, name, roles[name])
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def roles(request, tiny_pipeline_dir):
-    built = build_roles(tiny_pipeline_dir(request.param), generator_lora_rank=4, critic="lora", reference=True)
+    built = build_roles(tiny_pipeline_dir(request.param), SHARED_TABLE)
     # Give the LoRAs non-zero B matrices so "LoRA on" and "LoRA off" really differ.
     with torch.no_grad():
-        for name, param in built.teacher.net.named_parameters():
+        for name, param in built["teacher"].net.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    return built
+    return _Roles(built)
 
 
 def _state(roles, batch=3, seed=0):
@@ -56,7 +71,7 @@ def test_oracle_network_output_recovers_x0_and_noise(roles, monkeypatch):
         dtype = torch.float32
 
         def forward(self, *args, **kwargs):
-            return (target,)
+            return (adapter.pack(target) if adapter.family == "flux" else target,)  # FLUX outputs packed tokens
 
     pred = adapter.predict(Oracle(), x, sigma, adapter.encode_prompts(PROMPTS))
     torch.testing.assert_close(pred.x0, x0, atol=1e-4, rtol=1e-4)
@@ -150,10 +165,13 @@ def test_trainable_state_dict_round_trip(roles):
 
 
 def test_full_critic_and_generator_are_separate_copies(tiny_pipeline_dir):
-    roles = build_roles(tiny_pipeline_dir("sd3"), critic="full")
-    assert roles.critic.net is not roles.teacher.net and roles.generator.net is not roles.teacher.net
-    assert all(p.requires_grad for p in roles.generator.trainable_parameters())
-    assert not any(p.requires_grad for p in roles.teacher.net.parameters())
+    roles = build_roles(tiny_pipeline_dir("sd3"), {"teacher": RoleSpec(init="teacher"),
+                                                   "generator": RoleSpec(init="student", trainable=True),
+                                                   "critic": RoleSpec(init="teacher", trainable=True)})
+    teacher, generator, critic = roles["teacher"], roles["generator"], roles["critic"]
+    assert len({id(teacher.net), id(generator.net), id(critic.net)}) == 3
+    assert all(p.requires_grad for p in generator.trainable_parameters() + critic.trainable_parameters())
+    assert not any(p.requires_grad for p in teacher.net.parameters())
 
 
 def test_decode_is_differentiable(tiny_pipeline_dir):
@@ -208,7 +226,7 @@ def test_generator_lora_keeps_its_gradient_when_other_roles_run_in_between(roles
 
 def test_collapsed_zero_text_tokens_equal_the_padded_context(tiny_pipeline_dir):
     """SD3 without T5: one biased token computes what the pipeline's 256 zero-padding tokens compute."""
-    roles = build_roles(tiny_pipeline_dir("sd3"))
+    roles = _Roles(build_roles(tiny_pipeline_dir("sd3"), {"teacher": RoleSpec()}))
     adapter, net = roles.adapter, roles.teacher.net
     x0, noise, sigma = _state(roles)
     x = add_noise(x0, noise, sigma)

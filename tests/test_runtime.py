@@ -1,5 +1,6 @@
-"""`rlfew train` end to end on a tiny SD3-family pipeline: run outputs, resume after SIGKILL, bad input,
-non-finite losses (in-process), and on Ray: placements agree, dead actors are restarted, two learners."""
+"""`rlfew train` end to end on a tiny SD3-family pipeline: run outputs, checkpoint retention, resume after SIGKILL,
+bad input, non-finite losses (in-process), and on Ray: placements agree (also with two learners, whose shards draw
+different noise), dead actors are restarted, two learners stay in sync."""
 
 import json
 import os
@@ -25,8 +26,8 @@ def recipe(tiny_pipeline_dir, tmp_path_factory):
     prompts = folder / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     return [f"model.source={tiny_pipeline_dir('sd3')}", f"train.prompts={prompts}", f"eval.prompts={prompts}",
-            "train.batch_size=2", "train.log_every=1", "train.sample_every=4", "train.save_every=2",
-            "generator.lora_rank=4", "critic.lora_rank=0", "algo.options={ttur: 2}"]
+            "train.prompts_per_step=2", "train.log_every=1", "train.sample_every=4", "train.save_every=2",
+            "roles.generator.lora_rank=4", "roles.critic.lora_rank=0", "algo.options={ttur: 2}"]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -34,7 +35,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _losses(records: list[dict]) -> list[tuple]:
-    return [(r["step"], r.get("dmd_loss"), r["critic_loss"]) for r in records]
+    return [(r["step"], r.get("loss/dmd"), r["loss/critic"]) for r in records]
 
 
 def test_inprocess_run_writes_a_complete_run_directory(recipe, tmp_path):
@@ -45,13 +46,20 @@ def test_inprocess_run_writes_a_complete_run_directory(recipe, tmp_path):
     assert load_config(run_dir / "config.yaml").train.steps == 4
     records = _metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert all(r["critic_loss"] > 0 for r in records) and records[0]["generator_step"] == 1.0
+    assert all(r["loss/critic"] > 0 for r in records) and [r["updated/generator"] for r in records] == [1, 0, 1, 0]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_4"]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0.png", "step_4.png"]
     assert list(run_dir.glob("events.out.tfevents.*"))
     # The run directory is not reused by accident.
     assert main(["train", *recipe, "train.steps=4", "runtime.backend=inprocess", f"run.output_dir={tmp_path}",
                  "run.name=demo"]) == 2
+
+
+def test_keep_checkpoints_prunes_the_oldest(recipe, tmp_path):
+    assert main(["train", *recipe, "train.steps=6", "train.save_every=1", "train.keep_checkpoints=2",
+                 "train.sample_every=0", "runtime.backend=inprocess", f"run.output_dir={tmp_path}",
+                 "run.name=kept"]) == 0
+    assert sorted(p.name for p in (tmp_path / "kept" / "checkpoints").iterdir()) == ["step_5", "step_6"]
 
 
 def test_resume_after_sigkill_continues_with_the_same_metrics(recipe, tmp_path):
@@ -99,15 +107,27 @@ def test_bad_config_exits_2_and_writes_nothing(recipe, tmp_path, capsys):
     cases = {
         "train.stpes=3": "train.stpes",
         "train.steps=abc": "train.steps",
-        "generator.sampler=ddpm": "deterministic",
+        "model.dtype=float8": "float32",
+        "generator.sampler=cps": "generator.sampler' has moved",
         "algo.name=nope": "nope",
         "model.source=/does/not/exist": "/does/not/exist",
         "algo.options={ttur: -1}": "ttur",
+        "train.batch_size=4": "train.prompts_per_step",
+        "roles.critic.lora_rnk=4": "roles.critic",
+        "roles.surrogate.lora_rank=4": "no role 'surrogate'",
+        "train.prompts_per_step=0": "train.prompts_per_step",
+        "runtime.max_staleness=1": "runtime.placement=disaggregated",
     }
     for override, named in cases.items():
         assert main([*base, override]) == 2, override
         assert named in capsys.readouterr().err, override
     assert not any(tmp_path.iterdir())
+
+
+def test_micro_batches_that_would_split_a_group_are_refused(recipe, tmp_path, capsys):
+    assert main(["train", *recipe, "train.group_size=2", "train.micro_batch_size=3", "runtime.backend=inprocess",
+                 f"run.output_dir={tmp_path}"]) == 2
+    assert "train.micro_batch_size" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
 def test_non_finite_losses_skip_steps_then_abort_keeping_the_last_good_checkpoint(recipe, tmp_path, monkeypatch):
@@ -146,10 +166,15 @@ def _trainer(recipe, tmp_path, *overrides):
     return Trainer(cfg)
 
 
+def _training_metrics(records: list[dict]) -> list[dict]:
+    """Everything a run computed (not how long it took)."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
 @pytest.mark.ray
 def test_ray_placements_match_the_inprocess_run_and_survive_dead_actors(recipe, tmp_path, ray_local):
-    """Colocated and disaggregated Ray runs compute what the in-process run computes; killing the rollout
-    worker and the reward worker mid-run restarts them and re-runs their batch without changing the result."""
+    """Colocated and disaggregated Ray runs compute what the in-process run computes, metric for metric; killing
+    the rollout worker and the reward worker mid-run restarts them and re-runs their batch without changing it."""
     reference = _trainer(recipe, tmp_path, "runtime.backend=inprocess", "run.name=ref", "train.steps=4",
                          "reward=jpeg")
     assert reference.run() == 0
@@ -170,13 +195,30 @@ def test_ray_placements_match_the_inprocess_run_and_survive_dead_actors(recipe, 
     faulty.iteration = iteration_with_faults
     assert faulty.run() == 0
 
-    expected = _metrics(tmp_path / "ref")
+    expected = _training_metrics(_metrics(tmp_path / "ref"))
+    assert {"loss/dmd", "loss/critic", "reward/jpeg", "grad_norm/critic"} <= set(expected[0])
     for name in ("colo", "faulty"):
-        got = _metrics(tmp_path / name)
+        got = _training_metrics(_metrics(tmp_path / name))
         assert [r["step"] for r in got] == [1, 2, 3, 4]
         for a, b in zip(got, expected):
-            assert a["critic_loss"] == pytest.approx(b["critic_loss"], rel=1e-5), name
-            assert a["reward/jpeg"] == pytest.approx(b["reward/jpeg"], rel=1e-5), name
+            assert a.keys() == b.keys(), name
+            for key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (name, key)
+
+
+@pytest.mark.ray
+def test_two_learners_colocated_and_disaggregated_draw_the_same_distinct_shards(recipe, tmp_path, ray_local):
+    """H2: every shard is seeded by (step, shard), so two learners rolling out their own shards and two rollout
+    workers fanned out over the same shards compute the same run; the old disaggregated path gave both shards the
+    same noise (and ran them one after the other on one worker)."""
+    common = ["runtime.backend=ray", "runtime.num_learners=2", "train.prompts_per_step=4", "train.steps=3"]
+    assert _trainer(recipe, tmp_path, *common, "run.name=colo2").run() == 0
+    assert _trainer(recipe, tmp_path, *common, "run.name=disagg2", "runtime.placement=disaggregated",
+                    "runtime.num_rollout_workers=2").run() == 0
+    colocated, disaggregated = (_training_metrics(_metrics(tmp_path / n)) for n in ("colo2", "disagg2"))
+    for a, b in zip(colocated, disaggregated):
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
 @pytest.mark.ray
@@ -196,6 +238,8 @@ def test_two_learners_average_gradients_over_gloo(recipe, tmp_path, ray_local):
     for key in states[0]:
         torch.testing.assert_close(states[0][key], states[1][key], atol=0, rtol=0)
     assert any(float(v.abs().sum()) > 0 for k, v in states[0].items() if "lora_B" in k), "the LoRA never moved"
+    # each learner's metrics reach the log: the critic loss is the mean of two shards' losses
+    assert all(r["loss/critic"] > 0 for r in _metrics(tmp_path / "ddp"))
 
 
 @pytest.mark.ray
@@ -221,22 +265,23 @@ def test_a_reward_with_its_own_dependencies_scores_in_its_isolated_worker(recipe
 
 
 def test_export_and_eval_read_a_runs_checkpoint(recipe, tmp_path):
-    from diffusers import DiffusionPipeline
-
+    """The checkpoint, its merged export and the base pipeline with its exported LoRA are one generator: `rlfew eval`
+    of each gives the same report."""
     assert main(["train", *recipe, "train.steps=2", "runtime.backend=inprocess", f"run.output_dir={tmp_path}",
                  "run.name=exportable", "train.sample_every=0"]) == 0
     run_dir = tmp_path / "exportable"
-    assert main(["export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
-    merged = DiffusionPipeline.from_pretrained(tmp_path / "exported" / "merged", text_encoder_3=None, tokenizer_3=None,
-                                               local_files_only=True)
-    with_lora = DiffusionPipeline.from_pretrained(load_config(run_dir / "config.yaml").model.source,
-                                                  text_encoder_3=None, tokenizer_3=None, local_files_only=True)
-    with_lora.load_lora_weights(tmp_path / "exported" / "lora")
-    for name, value in merged.transformer.state_dict().items():
-        assert torch.isfinite(value).all(), name
-    out = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(run_dir / "checkpoints" / "step_2"), "--steps", "2",
-                 "--max-prompts", "2", "--images-per-prompt", "2", "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
-    assert report["n_images"] == 4 and 0.0 <= report["accuracy"] <= 1.0 and report["fd"] >= 0
+    exported = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(exported)]) == 0
+    base = load_config(run_dir / "config.yaml").model.source
+    evaluate = ["--steps", "2", "--max-prompts", "2", "--images-per-prompt", "2"]
+    reports = {}
+    for name, source in {"checkpoint": ["--checkpoint", str(run_dir / "checkpoints" / "step_2")],
+                         "merged": ["--model", str(exported / "merged")],
+                         "lora": ["--model", base, "--lora", str(exported / "lora")]}.items():
+        assert main(["eval", *source, *evaluate, "--out", str(tmp_path / f"{name}.json")]) == 0
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert reports["checkpoint"]["n_images"] == 4
+    for name in ("merged", "lora"):
+        for key in ("accuracy", "fd", "diversity", "clip_score"):
+            assert reports[name][key] == pytest.approx(reports["checkpoint"][key], rel=1e-4, abs=1e-6), (name, key)
     assert main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2

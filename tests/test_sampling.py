@@ -7,16 +7,15 @@ import torch
 from scipy.stats import norm
 
 from rlfew.errors import UsageError
-from rlfew.models import Prediction, build_roles
-from rlfew.sampling import (CPS, DanceGRPOSDE, Deterministic, FlowGRPOSDE, Trajectory, gaussian_log_prob,
-                            make_sampler, sample)
+from rlfew.models import Prediction, RoleSpec, build_roles
+from rlfew.sampling import CPS, DanceGRPOSDE, Deterministic, FlowGRPOSDE, gaussian_log_prob, make_sampler, sample
 
 PROMPTS = ["a red circle", "two blue squares"]
 
 
 @pytest.fixture(scope="module", params=["sd3", "sd"])
 def generator(request, tiny_pipeline_dir):
-    return build_roles(tiny_pipeline_dir(request.param)).generator
+    return build_roles(tiny_pipeline_dir(request.param), {"generator": RoleSpec(init="student")})["generator"]
 
 
 def _rollout(generator, sampler, seed=0, **kwargs):
@@ -129,15 +128,35 @@ def test_sde_kernels_preserve_the_marginals(sampler):
     assert float(x.std()) == pytest.approx(s, rel=0.01)
 
 
-def test_trajectory_select_and_cat(generator):
-    trajectory = _rollout(generator, CPS(0.9))
-    trajectory.rewards = torch.tensor([1.0, 2.0])
-    trajectory.extras["clip"] = torch.tensor([0.1, 0.2])
-    picked = trajectory.select([1])
-    assert picked.prompts == [PROMPTS[1]] and picked.rewards.tolist() == [2.0]
-    torch.testing.assert_close(picked.states[0], trajectory.states[1])
-    joined = Trajectory.cat([picked, trajectory])
-    assert len(joined) == 3 and joined.extras["clip"].tolist() == pytest.approx([0.2, 0.1, 0.2])
+def test_flow_grpo_on_a_one_step_grid_uses_the_grids_second_sigma():
+    """M2: on a 1-step grid [1, 0] flow_grpo's σ = 1 substitute is sigmas[1] = 0, so s_σ = a and Σ = a·√1 = 0.7;
+    the old kernel took sigmas[0] = 1 there, 1 − 1 was clamped to 1e-12, and Σ came out as 7·10⁵."""
+    kernel = FlowGRPOSDE(0.7).for_grid(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    x0, eps = torch.randn(2, 3), torch.randn(2, 3)
+    _, std = kernel.mean_std(Prediction(x0=x0, eps=eps, native=eps - x0), eps, 1.0, 0.0)
+    assert float(std) == pytest.approx(0.7)
+    with pytest.raises(UsageError, match="for_grid"):  # an unconfigured kernel cannot silently guess at σ = 1
+        FlowGRPOSDE(0.7).mean_std(Prediction(x0=x0, eps=eps, native=eps - x0), eps, 1.0, 0.5)
+
+
+def test_the_trajectory_stores_its_grid_configured_kernel(generator):
+    """A log-prob recomputed in training must use the rollout's own kernel: the trajectory carries it."""
+    trajectory = _rollout(generator, FlowGRPOSDE(0.7), decode=False)
+    assert isinstance(trajectory.kernel, FlowGRPOSDE) and trajectory.kernel.sigma_cap == float(trajectory.sigmas[1])
+    k = 1
+    with torch.no_grad():
+        prediction = generator.predict(trajectory.states[:, k].double(), float(trajectory.sigmas[k]),
+                                       generator.adapter.encode_prompts(PROMPTS))
+    mean, std = trajectory.kernel.mean_std(prediction, trajectory.states[:, k].double(), float(trajectory.sigmas[k]),
+                                           float(trajectory.sigmas[k + 1]))
+    recomputed = gaussian_log_prob(trajectory.states[:, k + 1].double(), mean, std)
+    torch.testing.assert_close(recomputed.float(), trajectory.log_probs[:, k], atol=1e-4, rtol=1e-4)
+
+
+def test_each_sampler_keeps_its_own_default_noise():
+    """M1: CPS's angle η and DanceGRPO's diffusion η are different quantities with different defaults."""
+    assert make_sampler("cps").eta == 0.9 and make_sampler("dance_grpo").eta == 0.3
+    assert make_sampler("flow_grpo").noise_level == 0.7
 
 
 def test_unknown_sampler_name_lists_the_allowed_ones():

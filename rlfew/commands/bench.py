@@ -28,11 +28,14 @@ def register_cli(subparsers) -> None:
     sampling.add_argument("--out", default="bench_sampling.json")
     sampling.set_defaults(func=run_sampling_bench)
 
-    runtime = bench.add_parser("runtime", help="DMD step time in-process vs Ray colocated vs Ray disaggregated",
+    runtime = bench.add_parser("runtime", help="DMD iteration time in-process vs Ray colocated vs Ray disaggregated "
+                               "(rollouts strictly on-policy, and one update stale)",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    runtime.add_argument("--model", help="diffusers folder or world:teacher; default: a tiny random sd3 pipeline")
+    runtime.add_argument("--model", default="world:teacher", help="the teacher: diffusers folder or world:teacher")
+    runtime.add_argument("--student", default="world:student", help="the generator's source (none: the teacher)")
+    runtime.add_argument("--prompts", default="world:train", help="world:train or a prompt file")
     runtime.add_argument("--steps", type=int, default=20, help="timed iterations per mode (after 2 warm-up)")
-    runtime.add_argument("--batch-size", type=int, default=8)
+    runtime.add_argument("--prompts-per-step", type=int, default=16)
     runtime.add_argument("--out", default="bench_runtime.json")
     runtime.set_defaults(func=run_runtime_bench)
 
@@ -61,7 +64,8 @@ def _write(out: str, report: dict) -> int:
 
 
 def run_sampling_bench(args) -> int:
-    from rlfew.commands.common import load_generator_role, resolve_device
+    from rlfew.commands.common import load_generator_role
+    from rlfew.models import resolve_device
     from rlfew.sampling import Deterministic, sample
     from rlfew.testing import save_tiny_pipeline
 
@@ -96,21 +100,27 @@ def run_sampling_bench(args) -> int:
                              "environment": _environment(device)})
 
 
+RUNTIME_MODES = {  # placement and staleness of each measured mode
+    "inprocess": ["runtime.backend=inprocess"],
+    "ray_colocated": ["runtime.backend=ray", "runtime.placement=colocated"],
+    "ray_disaggregated_staleness0": ["runtime.backend=ray", "runtime.placement=disaggregated", "runtime.max_staleness=0"],
+    "ray_disaggregated_staleness1": ["runtime.backend=ray", "runtime.placement=disaggregated", "runtime.max_staleness=1"],
+}
+
+
 def run_runtime_bench(args) -> int:
+    """World DMD2 (full generator and critic, as configs/world/dmd.yaml) timed per iteration in every mode; the
+    median of `--steps` iterations after two warm-up ones, and its ratio to the in-process run."""
     from rlfew.config import load_config
     from rlfew.runtime.driver import Trainer
-    from rlfew.testing import save_tiny_pipeline
 
     results = {}
+    student = [] if args.student in (None, "none") else [f"generator.source={args.student}"]
     with tempfile.TemporaryDirectory() as scratch:
-        model = args.model or str(save_tiny_pipeline("sd3", Path(scratch) / "tiny-sd3"))
-        prompts = Path(scratch) / "prompts.txt"
-        prompts.write_text("a red circle\ntwo blue squares\na green triangle left of a yellow square\n")
-        for mode, overrides in {"inprocess": ["runtime.backend=inprocess"],
-                                "ray_colocated": ["runtime.backend=ray", "runtime.placement=colocated"],
-                                "ray_disaggregated": ["runtime.backend=ray", "runtime.placement=disaggregated"]}.items():
-            cfg = load_config(None, [f"model.source={model}", f"train.prompts={prompts}", f"eval.prompts={prompts}",
-                                     f"train.batch_size={args.batch_size}", f"train.steps={args.steps + 2}",
+        for mode, overrides in RUNTIME_MODES.items():
+            cfg = load_config(None, [f"model.source={args.model}", *student, f"train.prompts={args.prompts}",
+                                     f"train.prompts_per_step={args.prompts_per_step}", f"train.steps={args.steps + 2}",
+                                     "roles.generator.lora_rank=0", "roles.critic.lora_rank=0", "teacher.guidance=4.0",
                                      "train.sample_every=0", f"train.save_every={10**9}", "train.log_every=1",
                                      f"run.output_dir={scratch}/runs", f"run.name={mode}", *overrides])
             trainer = Trainer(cfg)
@@ -128,10 +138,10 @@ def run_runtime_bench(args) -> int:
                              "mean_step_seconds": sum(timed) / len(timed)}
     base = results["inprocess"]["median_step_seconds"]
     for mode in results:
-        results[mode]["overhead_ratio_vs_inprocess"] = results[mode]["median_step_seconds"] / base
-    return _write(args.out, {"bench": "runtime", "method": "dmd", "batch_size": args.batch_size,
-                             "timed_steps": args.steps, "model": args.model or "tiny-sd3", "results": results,
-                             "environment": _environment()})
+        results[mode]["step_time_ratio_vs_inprocess"] = results[mode]["median_step_seconds"] / base
+    return _write(args.out, {"bench": "runtime", "method": "dmd", "model": args.model, "student": args.student,
+                             "prompts_per_step": args.prompts_per_step, "timed_steps": args.steps,
+                             "results": results, "environment": _environment()})
 
 
 def run_rewards_bench(args) -> int:

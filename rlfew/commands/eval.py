@@ -28,7 +28,8 @@ def register_cli(subparsers) -> None:
 
 
 def run_eval(args) -> int:
-    from rlfew.commands.common import load_generator_role, read_prompts
+    from rlfew.commands.common import load_generator_role
+    from rlfew.runtime.prompts import read_prompts
     from rlfew.evaluation import evaluate_role
     from rlfew.images import save_grid
 
@@ -36,7 +37,7 @@ def run_eval(args) -> int:
     if args.checkpoint:
         from rlfew.commands.common import roles_from_checkpoint
 
-        role = roles_from_checkpoint(args.checkpoint, args.device).generator
+        role = roles_from_checkpoint(args.checkpoint, args.device)["generator"]
     else:
         role = load_generator_role(args.model, args.lora, args.device)
     start = time.perf_counter()

@@ -24,7 +24,7 @@ def run_export(args) -> int:
 
     roles = roles_from_checkpoint(args.checkpoint)
     out = Path(args.out)
-    if args.mode == "lora" or (args.mode == "both" and roles.generator.lora is not None):
+    if args.mode == "lora" or (args.mode == "both" and roles["generator"].lora is not None):
         print(f"LoRA weights -> {export_lora(roles, out / 'lora' if args.mode == 'both' else out)}")
     if args.mode in ("merged", "both"):
         dtype = DTYPES[args.dtype] if args.dtype else None

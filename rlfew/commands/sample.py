@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from rlfew.commands.common import load_generator_role, read_prompts
+from rlfew.commands.common import load_generator_role
+from rlfew.runtime.prompts import read_prompts
 from rlfew.images import save_grid
 from rlfew.sampling import SAMPLERS, make_sampler
 

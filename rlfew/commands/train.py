@@ -18,19 +18,17 @@ def register_cli(subparsers) -> None:
 
 
 def run_train(args) -> int:
-    from rlfew.config import config_from_args, resolve_algo_options
-    from rlfew.method import get_method
+    from rlfew.config import config_from_args
+    from rlfew.method import resolve_method
     from rlfew.models import resolve_source
     from rlfew.runtime.driver import Trainer
 
     cfg = config_from_args(args)
-    # Validate everything a user can get wrong before the run directory is written.
-    get_method(cfg.algo.name).check_inputs(cfg, resolve_algo_options(cfg))
+    # Validate everything a user can get wrong before the run directory is written: the method, its options and
+    # role table, the rewards it needs, its data folders, the model sources.
+    resolved = resolve_method(cfg)
+    resolved.cls.check_inputs(cfg, resolved.options)
     for source in (cfg.model.source, cfg.generator.source, cfg.teacher.source):
         if source:
             resolve_source(source)
-    if cfg.reward:
-        from rlfew.rewards.api import parse_reward_spec
-
-        parse_reward_spec([{"name": e.name, "weight": e.weight, "options": e.options} for e in cfg.reward])
     return Trainer(cfg).run()

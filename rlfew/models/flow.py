@@ -109,16 +109,20 @@ class FlowAdapter(FamilyAdapter):
         return 1.0
 
     def sigma_grid(self, steps: int, shift: float | None = None, resolution: int | None = None) -> torch.Tensor:
-        """u_k = 1 − k/K (k < K) warped by the scheduler's shift, σ(u) = s·u / (1 + (s − 1)·u), then 0.
+        """u_k = 1 − k/K (k < K) warped by `warp`, then 0.
 
         Passing the unwarped u_k as `sigmas=` to the diffusers pipeline reproduces this grid exactly.
         """
         if steps < 1:
             raise UsageError(f"steps must be >= 1, got {steps}")
-        shift = self.default_shift if shift is None else float(shift)
-        u = self.unshifted_grid(steps)
-        sigmas = shift * u / (1 + (shift - 1) * u)
+        sigmas = self.warp(self.unshifted_grid(steps), shift, resolution)
         return torch.cat([sigmas, torch.zeros(1, dtype=sigmas.dtype)])
+
+    def warp(self, u: torch.Tensor, shift: float | None = None, resolution: int | None = None) -> torch.Tensor:
+        """σ of fractions u of the training-time axis, as the scheduler places its timesteps:
+        σ(u) = s·u / (1 + (s − 1)·u) with the scheduler's shift s (or `shift`)."""
+        shift = self.default_shift if shift is None else float(shift)
+        return shift * u / (1 + (shift - 1) * u)
 
     @staticmethod
     def unshifted_grid(steps: int) -> torch.Tensor:

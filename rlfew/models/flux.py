@@ -85,21 +85,17 @@ class FluxAdapter(FlowAdapter):
         _, height, width = self.latent_shape(resolution or self.default_resolution)
         return (height // 2) * (width // 2)
 
-    def sigma_grid(self, steps: int, shift: float | None = None, resolution: int | None = None) -> torch.Tensor:
-        """u_k = 1 − k/K warped as FluxPipeline does: with dynamic shifting, σ = time_shift(μ, 1, u) with
-        μ = calculate_shift(image tokens at `resolution`); a given `shift` uses the static σ = s·u / (1 + (s − 1)·u).
+    def warp(self, u: torch.Tensor, shift: float | None = None, resolution: int | None = None) -> torch.Tensor:
+        """As FluxPipeline places its timesteps: with dynamic shifting, σ = time_shift(μ, 1, u) with
+        μ = calculate_shift(image tokens at `resolution`); a given `shift` uses the static s·u / (1 + (s − 1)·u).
 
-        Passing the unwarped u_k as `sigmas=` to FluxPipeline (at that resolution) reproduces this grid.
-        """
+        Passing the unwarped u_k as `sigmas=` to FluxPipeline (at that resolution) reproduces `sigma_grid`."""
         config = self.pipeline.scheduler.config
         if shift is not None or not config.get("use_dynamic_shifting", False):
-            return super().sigma_grid(steps, shift)
-        if steps < 1:
-            raise UsageError(f"steps must be >= 1, got {steps}")
+            return super().warp(u, shift, resolution)
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         mu = calculate_shift(self.image_seq_len(resolution), config.get("base_image_seq_len", 256),
                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                              config.get("max_shift", 1.15))
-        sigmas = self.pipeline.scheduler.time_shift(mu, 1.0, self.unshifted_grid(steps))
-        return torch.cat([sigmas, torch.zeros(1, dtype=sigmas.dtype)])
+        return self.pipeline.scheduler.time_shift(mu, 1.0, u)

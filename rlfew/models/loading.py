@@ -17,6 +17,15 @@ from rlfew.models.vp import VPAdapter
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_device(device: str) -> str:
+    """`auto`: CUDA when available, else the CPU; an explicit CUDA device must exist."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device: {device!r} requested but CUDA is not available")
+    return device
+
+
 def resolve_source(source: str) -> str:
     """A local folder path, or a hub id when no such folder exists and the hub may be reached."""
     if source.startswith("world:"):

@@ -1,30 +1,32 @@
 """The driver of `rlfew train`: one controller over Learner / RolloutWorker / RewardWorker actors.
 
-One iteration: prompts → rollout (the learner itself when colocated, rollout workers when disaggregated)
-→ rewards from reward workers (for methods that use them, and for logging when rewards are configured)
-→ learner.train → weight sync → log → sample grids → checkpoint.
+One iteration (Trainer.iteration) is one visible data path:
+prompts in groups → rollout (per-shard seeds, shards fanned out in parallel) → scores {name: Tensor[B]} from
+reward workers → advantages on the whole batch → update on every learner → weight sync → log → grids → checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from rlfew.algos.advantages import Advantages, group_advantages
 from rlfew.config import TrainConfig, config_to_dict, default_run_name
 from rlfew.errors import UsageError
-from rlfew.images import to_uint8
-from rlfew.method import get_method
+from rlfew.method import resolve_method
 from rlfew.run import RunDir
-from rlfew.runtime.workers import (SAMPLES_STREAM, Learner, PromptSource, RewardWorker, RolloutWorker,
-                                   step_seed)
+from rlfew.runtime.prompts import PromptBatch, PromptSource
+from rlfew.runtime.seeds import SAMPLES_STREAM, step_seed
+from rlfew.runtime.workers import Learner, RewardWorker, RolloutWorker
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,13 @@ class _Actor:
         else:
             self.handle = cls(*args)
 
-    def call(self, method: str, *args, **kwargs):
+    def call(self, method: str, *args, num_returns: int = 1, **kwargs):
+        """Run `method`; under Ray a reference (a list of `num_returns` references when it returns a tuple)."""
         if self.backend == "ray":
-            return getattr(self.handle, method).remote(*args, **kwargs)
+            remote = getattr(self.handle, method)
+            if num_returns != 1:
+                remote = remote.options(num_returns=num_returns)
+            return remote.remote(*args, **kwargs)
         return getattr(self.handle, method)(*args, **kwargs)
 
     def kill(self) -> None:
@@ -75,24 +81,40 @@ def _is_actor_death(err: Exception) -> bool:
     return isinstance(err, RayActorError)
 
 
+@dataclass
+class Rollouts:
+    """One step's rollout: per-shard trajectories (references under Ray) and the batch's uint8 images."""
+
+    step: int
+    trajectories: list[Any]
+    images: np.ndarray | None
+    weights_version: int  # updates the generator that drew them had taken
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.backend = cfg.runtime.backend
         self.placement = cfg.runtime.placement
-        if self.placement == "disaggregated" and cfg.runtime.num_rollout_workers < 1:
-            raise UsageError("runtime.num_rollout_workers must be >= 1 with runtime.placement=disaggregated")
+        self.spec = resolve_method(cfg).spec
+        # Rewards are scored by workers when the method trains on them, and for logging when a method that uses no
+        # reward is given one; a method that holds its reward in the learner reports it itself.
+        self.scored = bool(cfg.reward) and self.spec.rewards != "in_learner"
+        self.prompts = PromptSource(cfg.train.prompts, cfg.run.seed)
+        self.sample_prompts = PromptSource(cfg.eval.prompts, cfg.run.seed).groups(0, 8, 1).prompts
         name = cfg.run.name or default_run_name(cfg)
         cfg.run.name = name
         self.run_dir = RunDir.create(cfg.run.output_dir, name, cfg, resume=cfg.run.resume is not None)
         self.resume_from = self.run_dir.resume_checkpoint(cfg.run.resume)
-        self.prompts = PromptSource(cfg.train.prompts, cfg.run.seed)
-        self.sample_prompts = PromptSource(cfg.eval.prompts, cfg.run.seed).batch(0, 8)
         self.cfg_dict = config_to_dict(cfg)
         self.learners: list[_Actor] = []
         self.rollout_workers: list[_Actor] = []
         self.reward_workers: dict[str, _Actor] = {}
-        self.weights_version = -1
+        self.weights = None  # the lead learner's generator state (a reference under Ray)
+        self.weights_version = 0  # the version rollout workers were last sent
+        self.updates_done = 0  # updates the learners have applied
+        self._pending_syncs: list[tuple[_Actor, Any]] = []
+        self._prefetched: Rollouts | None = None
 
     # ---- actors --------------------------------------------------------------------------------------
     def _init_ray(self) -> None:
@@ -114,8 +136,6 @@ class Trainer:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
 
     def _gpu_options(self) -> dict[str, Any]:
-        import torch
-
         wants_gpu = self.cfg.model.device in ("auto", "cuda") and torch.cuda.is_available()
         return {"num_gpus": 1} if wants_gpu else {"num_cpus": 1}
 
@@ -129,43 +149,51 @@ class Trainer:
         self.learners = [_Actor(Learner, (self.cfg_dict, rank, world, dist_url), self._gpu_options(), self.backend)
                          for rank in range(world)]
         if self.placement == "disaggregated":
-            self.rollout_workers = [_Actor(RolloutWorker, (self.cfg_dict, i), self._gpu_options(), self.backend)
-                                    for i in range(self.cfg.runtime.num_rollout_workers)]
-        # Methods that hold their reward in the learner report it themselves; no second copy in a worker.
-        logged_rewards = [] if get_method(self.cfg.algo.name).reward_in_learner else self.cfg.reward
-        for entry in logged_rewards:
-            ray_options = {"num_cpus": 1, **({"runtime_env": entry.runtime_env} if entry.runtime_env else {})}
-            self.reward_workers[entry.name] = _Actor(RewardWorker, (entry.name, entry.options), ray_options,
-                                                     self.backend)
-        lead = self.learners[0]
+            self.rollout_workers = [_Actor(RolloutWorker, (self.cfg_dict,), self._gpu_options(), self.backend)
+                                    for _ in range(self.cfg.runtime.num_rollout_workers)]
+        if self.scored:
+            for entry in self.cfg.reward:
+                ray_options = {"num_cpus": 1, **({"runtime_env": entry.runtime_env} if entry.runtime_env else {})}
+                self.reward_workers[entry.name] = _Actor(RewardWorker, (entry.name, entry.options), ray_options,
+                                                         self.backend)
+        self.start_step = 0
         if self.resume_from is not None:
             from rlfew.checkpoint import load_checkpoint
 
             checkpoint = load_checkpoint(self.resume_from)
-            for learner in self.learners:
-                learner.fetch(learner.call("load_checkpoint_state", checkpoint.tensors, checkpoint.state))
             self.start_step = checkpoint.step
+            refs = [learner.call("load_checkpoint_state", checkpoint.tensors, checkpoint.state, checkpoint.step)
+                    for learner in self.learners]
+            for learner, ref in zip(self.learners, refs):
+                learner.fetch(ref)
             log.info("resumed from %s (step %d)", self.resume_from, checkpoint.step)
-        else:
-            self.start_step = 0
-        self.weights = lead.call("generator_state")
-        self._sync_rollout_weights(self.start_step)
+        self.updates_done = self.start_step
+        self.sync_weights(self.start_step)
 
-    def _sync_rollout_weights(self, version: int) -> None:
-        """Push the lead learner's generator weights (an object-store reference under Ray) to rollout workers."""
-        refs = [w.call("set_generator_state", self.weights, version) for w in self.rollout_workers]
-        for worker, ref in zip(self.rollout_workers, refs):
-            worker.fetch(ref)
+    def sync_weights(self, version: int) -> None:
+        """Push the lead learner's generator weights (an object-store reference under Ray) to rollout workers.
+        Not awaited here: each worker applies them before its next rollout (actor calls run in order), which
+        lets a rollout already queued (max_staleness 1) finish on the weights it started with."""
+        if not self.rollout_workers:
+            return
+        lead = self.learners[0]
+        self.weights = lead.call("generator_state")
         self.weights_version = version
+        self._pending_syncs += [(w, w.call("set_generator_state", self.weights, version)) for w in self.rollout_workers]
 
     def _with_restarts(self, actor: _Actor, what: str, call, on_restart=None):
-        """Run `call()`; if the actor died, wait for Ray to restart it, re-prepare it (`on_restart`, e.g. re-sync
-        weights) and re-run the batch."""
+        """Run `call()` and fetch its result; if the actor died, wait for Ray to restart it, re-prepare it
+        (`on_restart`, e.g. re-sync weights) and re-run the batch. `call` may return a list of references: the
+        last one is fetched (a rollout's images) and all of them are returned."""
         for attempt in range(ACTOR_RETRIES + 1):
             try:
                 if attempt > 0 and on_restart is not None:
                     on_restart()
-                return actor.fetch(call())
+                refs = call()
+                if isinstance(refs, list):
+                    actor.fetch(refs[-1])
+                    return refs
+                return actor.fetch(refs)
             except Exception as err:  # noqa: BLE001 - only actor deaths are retried, the rest re-raised
                 if not _is_actor_death(err) or attempt == ACTOR_RETRIES:
                     raise
@@ -174,64 +202,116 @@ class Trainer:
                 time.sleep(2.0 * (attempt + 1))
 
     # ---- one iteration -------------------------------------------------------------------------------
-    def iteration(self, step: int) -> dict[str, float]:
+    def iteration(self, step: int) -> tuple[dict[str, float], bool]:
+        """One step; returns (metrics, whether an update was skipped)."""
         cfg = self.cfg
-        world = len(self.learners)
-        prompts = self.prompts.batch(step, cfg.train.batch_size * world)
-        shards = [prompts[rank::world] for rank in range(world)]
-        rollout_start = time.perf_counter()
-        decode = bool(self.reward_workers)  # images are only needed by reward workers
-        if self.placement == "colocated":
-            outputs = [learner.call("rollout", step, shard, decode) for learner, shard in zip(self.learners, shards)]
-            outputs = [learner.fetch(out) for learner, out in zip(self.learners, outputs)]
-            images = np.concatenate([o["images"] for o in outputs]) if decode else None
-            trajectories = [None] * world
-        else:
-            worker = self.rollout_workers[step % len(self.rollout_workers)]
-            trajectories = [self._with_restarts(worker, "rollout",
-                                                lambda s=shard: worker.call("rollout", step, s, decode),
-                                                on_restart=lambda: self._sync_rollout_weights(self.weights_version))
-                            for shard in shards]
-            images = np.concatenate([to_uint8(t.images) for t in trajectories]) if decode else None
-        metrics = {"time/rollout": time.perf_counter() - rollout_start}
-        rewards = self._score(images, [p for shard in shards for p in shard]) if decode else {}
-        for name, values in rewards.items():
-            metrics[f"reward/{name}"] = float(np.mean(values))
-        train_start = time.perf_counter()
-        offsets = np.cumsum([0] + [len(s) for s in shards])
-        refs = [learner.call("train", step, trajectory,
-                             {n: v[offsets[r]:offsets[r + 1]] for n, v in rewards.items()} or None)
-                for r, (learner, trajectory) in enumerate(zip(self.learners, trajectories))]
-        results = [learner.fetch(ref) for learner, ref in zip(self.learners, refs)]
-        metrics["time/train"] = time.perf_counter() - train_start
-        metrics.update(results[0])
-        if self.rollout_workers:
-            self.weights = self.learners[0].call("generator_state")
-            self._sync_rollout_weights(step + 1)
-        return metrics
+        started = time.perf_counter()
+        batch = self.prompts.groups(step, cfg.train.prompts_per_step, cfg.train.group_size)   # prompts + group ids
+        shards = batch.shard(len(self.learners))                      # whole groups, shard r for learner r
+        rollouts = self.take_rollouts(step, shards)                   # per-shard seeds, workers in parallel
+        metrics = {"time/rollout": time.perf_counter() - started}
+        scores = self.score(rollouts.images, batch.prompts) if self.scored else {}            # {name: Tensor[B]}
+        metrics.update({f"reward/{name}": float(values.mean()) for name, values in scores.items()})
+        advantages = self.advantages(scores, batch, metrics)          # on the whole batch, before sharding
+        train_started = time.perf_counter()
+        results = self.train(step, rollouts, shards, scores, advantages)   # every learner, its own shard
+        metrics["time/train"] = time.perf_counter() - train_started
+        self.sync_weights(step + 1)
+        metrics["rollout/weights_lag"] = float(step - rollouts.weights_version)
+        metrics.update(_mean_over_learners([r["metrics"] for r in results]))
+        return metrics, any(r["skipped"] for r in results)
 
-    def _score(self, images: np.ndarray, prompts: list[str]) -> dict[str, list[float]]:
+    def take_rollouts(self, step: int, shards: list[PromptBatch]) -> Rollouts:
+        """This step's rollouts: prefetched while the previous update ran (max_staleness 1), or drawn now."""
+        prefetched, self._prefetched = self._prefetched, None
+        rollouts = prefetched if prefetched is not None and prefetched.step == step else self._draw(step, shards)
+        for worker, ref in self._pending_syncs:  # surfaces a failed weight sync; the rollouts above already ran
+            worker.fetch(ref)
+        self._pending_syncs = []
+        return rollouts
+
+    def _draw(self, step: int, shards: list[PromptBatch]) -> Rollouts:
+        """Issue every shard's rollout at once (learner r draws shard r when colocated; rollout workers take the
+        shards round-robin when disaggregated), then wait for all of them."""
+        actors = self.learners if self.placement == "colocated" else [
+            self.rollout_workers[index % len(self.rollout_workers)] for index in range(len(shards))]
+        calls = [lambda a=actor, i=index, s=shard: a.call("rollout", step, s, i, self.scored, num_returns=2)
+                 for index, (actor, shard) in enumerate(zip(actors, shards))]
+        issued = [call() for call in calls]
+        outputs = []
+        for actor, call, refs in zip(actors, calls, issued):
+            try:
+                if self.backend == "ray":
+                    actor.fetch(refs[1])
+                outputs.append(refs)
+            except Exception as err:  # noqa: BLE001 - a dead rollout actor is restarted; re-run its shard
+                if not _is_actor_death(err) or actor in self.learners:
+                    raise
+                outputs.append(self._with_restarts(actor, "rollout", call, on_restart=self._resync(actor)))
+        images = [actor.fetch(refs[1]) for actor, refs in zip(actors, outputs)] if self.scored else None
+        version = self.updates_done if self.placement == "colocated" else self.weights_version
+        return Rollouts(step, [refs[0] for refs in outputs], np.concatenate(images) if images else None, version)
+
+    def _resync(self, worker: _Actor):
+        def resync():
+            worker.fetch(worker.call("set_generator_state", self.weights, self.weights_version))
+        return resync
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> dict[str, torch.Tensor]:
         refs = {name: worker.call("score", images, prompts) for name, worker in self.reward_workers.items()}
         scores = {}
         for name, worker in self.reward_workers.items():
             try:
-                scores[name] = worker.fetch(refs[name])
+                values = worker.fetch(refs[name])
             except Exception as err:  # noqa: BLE001 - a dead worker is restarted by Ray; re-score the batch
                 if not _is_actor_death(err):
                     raise
-                scores[name] = self._with_restarts(worker, f"reward {name}",
-                                                   lambda w=worker: w.call("score", images, prompts))
+                values = self._with_restarts(worker, f"reward {name}", lambda w=worker: w.call("score", images, prompts))
+            scores[name] = torch.from_numpy(np.array(values, dtype=np.float64))  # a copy: Ray arrays are read-only
         return scores
+
+    def advantages(self, scores: dict[str, torch.Tensor], batch: PromptBatch,
+                   metrics: dict[str, float]) -> Advantages | None:
+        if self.spec.advantages is None or not scores:
+            return None
+        weights = {entry.name: entry.weight for entry in self.cfg.reward}
+        advantages = group_advantages(scores, weights, torch.from_numpy(batch.group_ids), self.spec.advantages)
+        metrics["advantage/zero_variance_groups"] = advantages.zero_variance_groups / advantages.groups
+        metrics["advantage/abs_mean"] = float(advantages.values.abs().mean())
+        return advantages
+
+    def train(self, step: int, rollouts: Rollouts, shards: list[PromptBatch], scores: dict[str, torch.Tensor],
+              advantages: Advantages | None) -> list[dict[str, Any]]:
+        weights = {entry.name: entry.weight for entry in self.cfg.reward}
+        rewards = sum(weights[name] * values for name, values in scores.items()) if scores else None
+        offsets = np.cumsum([0] + [len(shard) for shard in shards])
+        refs = []
+        for rank, learner in enumerate(self.learners):
+            part = slice(int(offsets[rank]), int(offsets[rank + 1]))
+            refs.append(learner.call(
+                "train", step, rollouts.trajectories[rank],
+                {name: values[part].numpy() for name, values in scores.items()} or None,
+                None if rewards is None else rewards[part].numpy(),
+                None if advantages is None else advantages.values[part].numpy(),
+                None if advantages is None else advantages.valid[part].numpy()))
+        if self.cfg.runtime.max_staleness > 0 and step + 1 < self.cfg.train.steps:
+            # Overlap: the next step's rollout runs on the current weights while the learners update.
+            following = self.prompts.groups(step + 1, self.cfg.train.prompts_per_step, self.cfg.train.group_size)
+            self._prefetched = self._draw(step + 1, following.shard(len(self.learners)))
+        results = [learner.fetch(ref) for learner, ref in zip(self.learners, refs)]
+        self.updates_done = step + 1
+        return results
 
     # ---- the loop ------------------------------------------------------------------------------------
     def checkpoint(self, step: int) -> None:
         lead = self.learners[0]
         tensors, state = lead.fetch(lead.call("checkpoint_state"))
-        self.run_dir.save_checkpoint(step, tensors, state)
+        self.run_dir.save_checkpoint(step, tensors, state, keep=self.cfg.train.keep_checkpoints)
 
     def log_samples(self, logger, step: int) -> None:
         lead = self.learners[0]
-        images = lead.fetch(lead.call("sample_images", self.sample_prompts, step_seed(self.cfg.run.seed, 0, SAMPLES_STREAM)))
+        images = lead.fetch(lead.call("sample_images", self.sample_prompts,
+                                      step_seed(self.cfg.run.seed, 0, SAMPLES_STREAM)))
         logger.log_samples(step, images, self.sample_prompts)
 
     def run(self) -> int:
@@ -241,7 +321,7 @@ class Trainer:
         self.start()
         resumed = self.resume_from is not None
         logger = self.run_dir.metrics_logger(resumed_step=self.start_step if resumed else None, fresh=not resumed)
-        nonfinite_in_a_row = 0
+        skipped_in_a_row = 0
         interval: dict[str, list[float]] = {}
         step = self.start_step
         progress = tqdm(total=cfg.train.steps, initial=step, desc=f"rlfew train {cfg.algo.name}", unit="it",
@@ -251,20 +331,18 @@ class Trainer:
                 if step == 0 and cfg.train.sample_every > 0:
                     self.log_samples(logger, 0)
                 while step < cfg.train.steps:
-                    metrics = self.iteration(step)
+                    metrics, skipped = self.iteration(step)
                     step += 1
-                    # A non-finite loss or gradient means the method skipped that update.
-                    losses = {k: v for k, v in metrics.items() if "loss" in k or "grad_norm" in k}
-                    if any(not math.isfinite(v) for v in losses.values()):
-                        nonfinite_in_a_row += 1
-                        log.warning("step %d: non-finite loss %s; the update was skipped (%d in a row)", step,
-                                    losses, nonfinite_in_a_row)
-                        if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    if skipped:
+                        skipped_in_a_row += 1
+                        log.warning("step %d: a non-finite loss or gradient; the update was skipped (%d in a row)",
+                                    step, skipped_in_a_row)
+                        if skipped_in_a_row >= cfg.train.max_nonfinite_steps:
                             raise NonFiniteLossError(
-                                f"aborting: {nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite_steps)"
+                                f"aborting: {skipped_in_a_row} non-finite losses in a row (train.max_nonfinite_steps)"
                                 f"; the last good checkpoint is kept in {self.run_dir.checkpoints_dir}")
                     else:
-                        nonfinite_in_a_row = 0
+                        skipped_in_a_row = 0
                     for key, value in metrics.items():
                         interval.setdefault(key, []).append(value)
                     if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -272,15 +350,15 @@ class Trainer:
                         logger.log(step, {key: float(np.mean(values)) for key, values in interval.items()})
                         interval = {}
                     progress.update(1)
-                    progress.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
-                                          if "loss" in k or k.startswith("reward")})
+                    progress.set_postfix({k.split("/", 1)[-1]: f"{v:.4g}" for k, v in metrics.items()
+                                          if k.startswith(("loss/", "reward/"))})
                     if cfg.train.sample_every > 0 and step % cfg.train.sample_every == 0:
                         self.log_samples(logger, step)
-                    if nonfinite_in_a_row == 0 and (step % cfg.train.save_every == 0 or step == cfg.train.steps):
+                    if skipped_in_a_row == 0 and (step % cfg.train.save_every == 0 or step == cfg.train.steps):
                         self.checkpoint(step)
         except KeyboardInterrupt:
             log.warning("interrupted at step %d: saving a checkpoint and exiting", step)
-            if nonfinite_in_a_row == 0 and step > self.start_step:
+            if skipped_in_a_row == 0 and step > self.start_step:
                 self.checkpoint(step)
             return 130
         finally:
@@ -301,6 +379,12 @@ class Trainer:
                     log.debug("learner shutdown failed", exc_info=True)
         for actor in actors:
             actor.kill()
+
+
+def _mean_over_learners(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the learners that reported it (every rank trains its own shard)."""
+    keys = dict.fromkeys(key for metrics in per_rank for key in metrics)
+    return {key: float(np.mean([m[key] for m in per_rank if key in m])) for key in keys}
 
 
 @contextmanager

@@ -1,8 +1,9 @@
 """The actor classes of a run: Learner, RolloutWorker, RewardWorker.
 
 They are plain Python classes: the driver wraps them with `ray.remote` (the default runtime, one process per
-actor) or calls them in-process (`runtime.backend=inprocess`, used by tests). Everything random is derived
-from (seed, step), so a resumed run draws exactly what an uninterrupted one would.
+actor) or calls them in-process (`runtime.backend=inprocess`, used by tests). A rollout returns two objects, the
+trajectory (kept as an object-store reference and handed to the learner that trains on it) and its uint8 images
+(for reward workers; None when nothing is scored), so colocated and disaggregated placements share one data path.
 """
 
 from __future__ import annotations
@@ -14,19 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlfew.commands.common import resolve_device
-from rlfew.config import TrainConfig, config_from_dict, resolve_algo_options
+from rlfew.config import TrainConfig, config_from_dict
 from rlfew.images import to_uint8
+from rlfew.method import Batch, RolloutSpec, build_method, resolve_method
+from rlfew.models import Role, build_roles, resolve_device
+from rlfew.runtime.prompts import PromptBatch
+from rlfew.runtime.seeds import (METHOD_RANK_STREAM, METHOD_SHARED_STREAM, ROLLOUT_STREAM, seeded_generator,
+                                 step_seed)
+from rlfew.sampling import Deterministic, Trajectory, sample
 
 log = logging.getLogger(__name__)
-
-
-def step_seed(seed: int, step: int, stream: int) -> int:
-    """Independent, reproducible seeds per (run seed, step, stream)."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
-
-
-ROLLOUT_STREAM, METHOD_STREAM, PROMPT_STREAM, SAMPLES_STREAM = range(4)
 
 
 def _pin_threads() -> None:
@@ -34,40 +32,52 @@ def _pin_threads() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
-class PromptSource:
-    """Prompts for a step, drawn with replacement from a fixed list by a (seed, step) generator."""
-
-    def __init__(self, spec: str, seed: int):
-        from rlfew.commands.common import read_prompts
-
-        self.prompts = read_prompts(spec, None)
-        self.seed = seed
-
-    def batch(self, step: int, size: int) -> list[str]:
-        rng = np.random.default_rng(step_seed(self.seed, step, PROMPT_STREAM))
-        return [self.prompts[i] for i in rng.integers(0, len(self.prompts), size)]
-
-
-def _generator_roles(cfg: TrainConfig, **role_spec):
-    from rlfew.models import build_roles
-
-    return build_roles(cfg.model.source, generator_source=cfg.generator.source,
-                       generator_lora_rank=cfg.generator.lora_rank, lora_alpha=cfg.generator.lora_alpha,
-                       lora_targets=cfg.generator.lora_targets, dtype=cfg.model.dtype,
-                       device=resolve_device(cfg.model.device), **role_spec)
-
-
-def _rollout(roles, cfg: TrainConfig, prompts: list[str], seed: int, sampler, stochastic_steps, decode: bool):
-    from rlfew.sampling import sample
-
-    adapter = roles.adapter
-    rng = torch.Generator(adapter.device).manual_seed(seed)
+def draw_rollout(generator: Role, cfg: TrainConfig, spec: RolloutSpec, step: int, shard: PromptBatch,
+                 shard_index: int, decode: bool, weights_version: int) -> tuple[Trajectory, np.ndarray | None]:
+    """One shard's rollout, seeded by (run seed, step, shard): the same noise whichever actor draws it.
+    Returns the trajectory on the CPU (without images) and its uint8 images when `decode`."""
+    adapter = generator.adapter
+    rng = seeded_generator(adapter.device, step_seed(cfg.run.seed, step, ROLLOUT_STREAM, shard_index))
     resolution = cfg.model.resolution or adapter.default_resolution
+    shape = adapter.latent_shape(resolution)
+    group_ids = torch.from_numpy(shard.group_ids)
+    if spec.shared_noise_in_group:
+        _, group_index = torch.unique(group_ids, return_inverse=True)
+        noise = torch.randn((int(group_index.max()) + 1, *shape), generator=rng, device=rng.device)[group_index]
+    else:
+        noise = torch.randn((len(shard), *shape), generator=rng, device=rng.device)
     with torch.no_grad():
-        cond = adapter.encode_prompts(prompts)
-        return sample(roles.generator, cond, adapter.sigma_grid(cfg.generator.steps, cfg.generator.shift, resolution), sampler,
-                      prompts=prompts, generator=rng, latent_shape=adapter.latent_shape(resolution),
-                      stochastic_steps=stochastic_steps, decode=decode)
+        trajectory = sample(generator, adapter.encode_prompts(shard.prompts),
+                            adapter.sigma_grid(cfg.generator.steps, cfg.generator.shift, resolution), spec.sampler,
+                            prompts=shard.prompts, noise=noise.to(adapter.device), generator=rng,
+                            stochastic_steps=spec.stochastic_steps, group_ids=group_ids, decode=decode,
+                            weights_version=weights_version)
+    images = to_uint8(trajectory.images) if decode else None
+    trajectory.images = None  # the learner trains on latents; images travel separately, as uint8
+    return trajectory.to("cpu"), images
+
+
+def attach_scores(trajectory: Trajectory, scores: dict[str, np.ndarray] | None, rewards: np.ndarray | None,
+                  advantages: np.ndarray | None, advantage_valid: np.ndarray | None) -> Trajectory:
+    """Put a shard's slice of the batch's scores, weighted rewards and advantages on its trajectory (np.array
+    copies: arrays from Ray's object store are read-only)."""
+    device = trajectory.states.device
+    if scores:
+        trajectory.scores = {name: torch.as_tensor(np.array(v), device=device) for name, v in scores.items()}
+        trajectory.rewards = torch.as_tensor(np.array(rewards), device=device)
+    if advantages is not None:
+        trajectory.advantages = torch.as_tensor(np.array(advantages), device=device)
+        trajectory.advantage_valid = torch.as_tensor(np.array(advantage_valid), device=device)
+    return trajectory
+
+
+def learner_batch(cfg: TrainConfig, generator: Role, step: int, trajectory: Trajectory, rank: int) -> Batch:
+    """The Batch a learner of `rank` hands its method: encoded prompts, the shared and the per-rank streams."""
+    device = generator.adapter.device
+    return Batch(step=step, trajectory=trajectory, cond=generator.adapter.encode_prompts(trajectory.prompts),
+                 shared_rng=seeded_generator(device, step_seed(cfg.run.seed, step, METHOD_SHARED_STREAM)),
+                 rng=seeded_generator(device, step_seed(cfg.run.seed, step, METHOD_RANK_STREAM, rank)),
+                 micro_batch_size=cfg.train.micro_batch_size)
 
 
 class Learner:
@@ -75,8 +85,6 @@ class Learner:
     a torch.distributed group and average gradients."""
 
     def __init__(self, cfg_dict: dict[str, Any], rank: int = 0, world_size: int = 1, dist_url: str | None = None):
-        from rlfew.method import get_method
-
         _pin_threads()
         self.cfg = config_from_dict(TrainConfig, cfg_dict)
         self.rank, self.world_size = rank, world_size
@@ -85,69 +93,47 @@ class Learner:
 
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, init_method=dist_url, rank=rank, world_size=world_size)
-        torch.manual_seed(self.cfg.run.seed)  # identical initial LoRA weights on every rank
-        method_cls = get_method(self.cfg.algo.name)
-        options = resolve_algo_options(self.cfg)
-        self.roles = _generator_roles(self.cfg, **method_cls.role_spec(self.cfg, options))
-        reward = None
-        if self.cfg.reward and method_cls.reward_in_learner:
-            from rlfew.rewards import load
+        self.spec = resolve_method(self.cfg).spec
+        self.method = build_method(self.cfg)
+        self.generator = self.method.roles["generator"]
+        self.weights_version = 0  # updates applied to the generator (a resumed run starts at its checkpoint's)
 
-            # runtime_env belongs to a reward worker's process, not to the reward spec
-            reward = load([{"name": e.name, "weight": e.weight, "options": e.options} for e in self.cfg.reward])
-            reward.to(self.roles.adapter.device)
-        self.method = method_cls(self.roles, options, self.cfg, reward)
-        self.method_cls, self.options = method_cls, options
-        self._last_rollout = None
+    def rollout(self, step: int, shard: PromptBatch, shard_index: int, decode: bool):
+        return draw_rollout(self.generator, self.cfg, self.spec.rollout(step), step, shard, shard_index, decode,
+                            self.weights_version)
 
-    # ---- rollouts --------------------------------------------------------------------------------------
-    def rollout(self, step: int, prompts: list[str], decode: bool) -> dict[str, Any]:
-        """Colocated rollout with the learner's own generator; keeps the trajectory for `train`, returns only
-        what the driver needs (uint8 images for reward workers, when `decode`)."""
-        seed = step_seed(self.cfg.run.seed, step, ROLLOUT_STREAM) + self.rank
-        self._last_rollout = _rollout(self.roles, self.cfg, prompts, seed,
-                                      self.method_cls.rollout_sampler(self.cfg, self.options),
-                                      self.method_cls.stochastic_steps(self.cfg, self.options), decode=decode)
-        return {"images": to_uint8(self._last_rollout.images) if decode else None}
-
-    def train(self, step: int, trajectory=None, rewards: dict[str, list[float]] | None = None) -> dict[str, float]:
-        from rlfew.method import Batch
-
-        trajectory = trajectory if trajectory is not None else self._last_rollout
-        if trajectory is None:
-            raise RuntimeError("train() without a trajectory: call rollout() first or pass one")
-        trajectory = trajectory.to(self.roles.adapter.device)
-        if rewards:
-            trajectory.extras.update({name: torch.tensor(values) for name, values in rewards.items()})
-        cond = self.roles.adapter.encode_prompts(trajectory.prompts)
-        rng = torch.Generator(self.roles.adapter.device).manual_seed(step_seed(self.cfg.run.seed, step, METHOD_STREAM))
-        metrics = self.method.train_step(Batch(step=step, trajectory=trajectory, cond=cond, rng=rng))
-        self._last_rollout = None
-        return {k: float(v) for k, v in metrics.items()}
+    def train(self, step: int, trajectory: Trajectory, scores: dict[str, np.ndarray] | None = None,
+              rewards: np.ndarray | None = None, advantages: np.ndarray | None = None,
+              advantage_valid: np.ndarray | None = None) -> dict[str, Any]:
+        """One update on this learner's shard; scores and advantages were computed on the whole batch."""
+        trajectory = trajectory.to(self.generator.adapter.device)
+        attach_scores(trajectory, scores, rewards, advantages, advantage_valid)
+        result = self.method.train_step(learner_batch(self.cfg, self.generator, step, trajectory, self.rank))
+        self.weights_version = step + 1
+        return {"metrics": {k: float(v) for k, v in result.metrics.items()}, "skipped": result.skipped}
 
     # ---- weights and state -----------------------------------------------------------------------------
     def generator_state(self) -> dict[str, torch.Tensor]:
         """What rollout workers need to mirror the generator (LoRA weights only when LoRA)."""
-        return {k: v.detach().cpu() for k, v in self.roles.generator.trainable_state_dict().items()}
+        return {k: v.detach().cpu() for k, v in self.generator.trainable_state_dict().items()}
 
     def checkpoint_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         state = self.method.state_dict()
         return state["tensors"], state["state"]
 
-    def load_checkpoint_state(self, tensors, state) -> None:
+    def load_checkpoint_state(self, tensors, state, step: int) -> None:
         self.method.load_state_dict({"tensors": tensors, "state": state})
+        self.weights_version = step
 
     def sample_images(self, prompts: list[str], seed: int, steps: int | None = None) -> np.ndarray:
         """Deterministic few-step samples of the current generator (grids and eval)."""
-        from rlfew.sampling import Deterministic, sample
-
-        adapter = self.roles.adapter
-        rng = torch.Generator(adapter.device).manual_seed(seed)
+        adapter = self.generator.adapter
         resolution = self.cfg.model.resolution or adapter.default_resolution
         with torch.no_grad():
-            trajectory = sample(self.roles.generator, adapter.encode_prompts(prompts),
-                                adapter.sigma_grid(steps or self.cfg.generator.steps, self.cfg.generator.shift, resolution),
-                                Deterministic(), prompts=prompts, generator=rng,
+            trajectory = sample(self.generator, adapter.encode_prompts(prompts),
+                                adapter.sigma_grid(steps or self.cfg.generator.steps, self.cfg.generator.shift,
+                                                   resolution),
+                                Deterministic(), prompts=prompts, generator=seeded_generator(adapter.device, seed),
                                 latent_shape=adapter.latent_shape(resolution))
         return to_uint8(trajectory.images)
 
@@ -161,29 +147,25 @@ class Learner:
 class RolloutWorker:
     """A generator-only copy that samples trajectories with weights synced from the learner."""
 
-    def __init__(self, cfg_dict: dict[str, Any], worker_index: int = 0):
-        from rlfew.method import get_method
-
+    def __init__(self, cfg_dict: dict[str, Any]):
         _pin_threads()
         self.cfg = config_from_dict(TrainConfig, cfg_dict)
-        torch.manual_seed(self.cfg.run.seed)
-        method_cls = get_method(self.cfg.algo.name)
-        options = resolve_algo_options(self.cfg)
-        self.roles = _generator_roles(self.cfg)
-        self.sampler = method_cls.rollout_sampler(self.cfg, options)
-        self.stochastic_steps = method_cls.stochastic_steps(self.cfg, options)
-        self.worker_index = worker_index
+        resolved = resolve_method(self.cfg)
+        self.spec = resolved.spec
+        self.generator = build_roles(self.cfg.model.source, {"generator": resolved.roles["generator"]},
+                                     teacher_source=self.cfg.teacher.source, student_source=self.cfg.generator.source,
+                                     dtype=self.cfg.model.dtype, device=resolve_device(self.cfg.model.device)
+                                     )["generator"]
         self.weights_version = -1
 
     def set_generator_state(self, state: dict[str, torch.Tensor], version: int) -> int:
-        self.roles.generator.load_trainable_state_dict(state)
+        self.generator.load_trainable_state_dict(state)
         self.weights_version = version
         return version
 
-    def rollout(self, step: int, prompts: list[str], decode: bool):
-        seed = step_seed(self.cfg.run.seed, step, ROLLOUT_STREAM)
-        trajectory = _rollout(self.roles, self.cfg, prompts, seed, self.sampler, self.stochastic_steps, decode=decode)
-        return trajectory.to("cpu")
+    def rollout(self, step: int, shard: PromptBatch, shard_index: int, decode: bool):
+        return draw_rollout(self.generator, self.cfg, self.spec.rollout(step), step, shard, shard_index, decode,
+                            self.weights_version)
 
 
 class RewardWorker:
@@ -196,12 +178,8 @@ class RewardWorker:
         self.reward = load(name, **(options or {}))
         self.device = device
 
-    def score(self, images: np.ndarray, prompts: list[str]) -> list[float]:
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         # np.array copies: arrays from Ray's object store are read-only.
         tensor = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(255).to(self.device)
         with torch.no_grad():
-            return self.reward.score(tensor, prompts).float().cpu().tolist()
-
-    def pid(self) -> int:
-        return os.getpid()
-
+            return self.reward.score(tensor, prompts).double().cpu().numpy()

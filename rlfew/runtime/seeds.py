@@ -1,0 +1,20 @@
+"""Every random stream of a run is seeded from (run seed, step, stream, ...), so a resumed run draws exactly what an
+uninterrupted one would, and a shard draws the same noise whichever actor rolls it out."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# ROLLOUT: initial and kernel noise, per shard. METHOD_SHARED: a learner's choices that every rank must make
+# alike (the backward-simulation step k). METHOD_RANK: a learner's own noise levels and noise, per rank.
+ROLLOUT_STREAM, METHOD_SHARED_STREAM, PROMPT_STREAM, SAMPLES_STREAM, METHOD_RANK_STREAM = range(5)
+
+
+def step_seed(seed: int, step: int, stream: int, *more: int) -> int:
+    """Independent, reproducible seeds per (run seed, step, stream, extra keys such as the shard or the rank)."""
+    return int(np.random.SeedSequence([seed, step, stream, *more]).generate_state(1)[0])
+
+
+def seeded_generator(device: str | torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed)
