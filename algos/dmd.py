@@ -122,9 +122,10 @@ class DMD(Method):
                                                              critic, options.normalise, options.normaliser_eps)
                 terms = {"loss/dmd": float(loss.detach()), "dmd/direction_abs_mean": float(direction.abs().mean())}
                 if self.gan is not None:
-                    adversarial = self.gan.generator_loss(x, part_cond, batch.rng)
-                    terms["loss/gan_generator"] = float(adversarial.detach())
-                    loss = loss + options.gan_generator_weight * adversarial
+                    adversarial, gan_metrics = self.gan.generator_term(x, part_cond, batch.rng,
+                                                                       options.gan_generator_weight)
+                    loss = loss + adversarial
+                    terms.update(gan_metrics)
                 terms["loss/generator"] = float(loss.detach())
                 backward(loss * share, self.optimizers["generator"])
                 critic_sample[part] = x.detach()

@@ -202,10 +202,10 @@ class DMDR(Method):
                 loss, terms = self.generator_loss(x, loss, trajectory.prompts[part], with_reward)
                 terms["dmd/direction_abs_mean"] = float(direction.abs().mean())
                 if self.gan is not None:
-                    adversarial = self.gan.generator_loss(x, part_cond, batch.rng)
-                    terms["loss/gan_generator"] = float(adversarial.detach())
-                    loss = loss + options.gan_generator_weight * adversarial
-                    terms["loss/generator"] = float(loss.detach())
+                    adversarial, gan_metrics = self.gan.generator_term(x, part_cond, batch.rng,
+                                                                       options.gan_generator_weight)
+                    loss = loss + adversarial
+                    terms.update(gan_metrics, **{"loss/generator": float(loss.detach())})
                 backward(loss * share, self.optimizers["generator"])
                 for key, value in terms.items():
                     metrics[key] = metrics.get(key, 0.0) + share * value

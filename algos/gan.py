@@ -134,6 +134,12 @@ class GANHead:
     def generator_loss(self, fake: torch.Tensor, cond: Conditioning, rng: torch.Generator) -> torch.Tensor:
         return generator_adversarial_loss(self.logits(fake, self._fake_cond(cond), rng))
 
+    def generator_term(self, fake: torch.Tensor, cond: Conditioning, rng: torch.Generator,
+                       weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """λ_G·GAN_G(x) for the generator turn, and its metric."""
+        adversarial = self.generator_loss(fake, cond, rng)
+        return weight * adversarial, {"loss/gan_generator": float(adversarial.detach())}
+
     def critic_loss(self, fake: torch.Tensor, cond: Conditioning, rng: torch.Generator
                     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The discriminator loss on detached `fake` and as many real images, drawn with `rng` (a learner's own

@@ -153,6 +153,41 @@ def rollout_batch(method, step: int, prompts: list[str], group_size: int = 1, ra
     return learner_batch(method.cfg, generator, step, trajectory, rank)
 
 
+def build_sd35_medium_shaped_pipeline(seed: int = 0):
+    """A random-init StableDiffusion3Pipeline with SD3.5-Medium's transformer (24 MMDiT blocks, dual attention in
+    the first 13, hidden 1536, QK RMS norm; 2.2B parameters) and VAE shapes, and tiny CLIP text encoders projecting
+    to its 2048-wide pooled input: for memory and step-time benchmarks at the real size, without downloads."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2, latent_channels=16, sample_size=1024, scaling_factor=1.5305,
+                        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(_text_config(projection=1024)), tokenizer=tiny_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=1024)), tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None)
+
+
+def save_shaped_pipeline(shape: str, folder: str | Path) -> Path:
+    """`tiny` (the tiny sd3 pipeline) or `sd35-medium` (build_sd35_medium_shaped_pipeline), saved to `folder`."""
+    if shape == "tiny":
+        return save_tiny_pipeline("sd3", folder)
+    if shape == "sd35-medium":
+        folder = Path(folder)
+        build_sd35_medium_shaped_pipeline().save_pretrained(folder)
+        return folder
+    raise ValueError(f"unknown pipeline shape {shape!r}; allowed: tiny, sd35-medium")
+
+
 def save_tiny_pipeline(family: str, folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     build_tiny_pipeline(family, seed).save_pretrained(folder)

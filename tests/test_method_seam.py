@@ -20,11 +20,15 @@ from rlfew.algos.distribution_matching import standard_normal
 from rlfew.checkpoint import load_checkpoint
 from rlfew.cli import main
 from rlfew.config import load_config
-from rlfew.errors import ConfigError
-from rlfew.method import Batch, Method, MethodSpec, RolloutSpec, StepResult, register_method, resolve_method
+from rlfew.errors import ConfigError, UsageError
+from rlfew.method import (Batch, Method, MethodSpec, RolloutSpec, StepResult, build_method, register_method,
+                          resolve_method)
 from rlfew.models import RoleSpec, add_noise
 from rlfew.optim import backward
+from rlfew.runtime.prompts import PromptBatch, PromptSource
+from rlfew.runtime.workers import draw_rollout
 from rlfew.sampling import CPS
+from rlfew.testing import rollout_batch
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "a purple square"]
 TESTS = Path(__file__).resolve().parent
@@ -223,3 +227,38 @@ def test_disaggregated_rollouts_lag_by_at_most_the_staleness(tiny_pipeline_dir, 
     records = read_metrics(tmp_path / "stale")
     assert [r["rollout/weights_lag"] for r in records] == lags
     assert all(math.isfinite(r["loss/dmd"]) for r in records)
+
+
+# ----------------------------------------------------------------------------------- groups, shards, noise
+
+def test_prompt_groups_shard_whole_and_micro_batches_never_split_a_group(tiny_config):
+    source = PromptSource("world:train", seed=0)
+    batch = source.groups(3, prompts_per_step=4, group_size=3)
+    assert batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert all(len(set(batch.prompts[g * 3:(g + 1) * 3])) == 1 for g in range(4))
+    assert batch.prompts == source.groups(3, 4, 3).prompts != source.groups(4, 4, 3).prompts  # (seed, step)
+    shards = batch.shard(2)
+    assert [s.group_ids.tolist() for s in shards] == [[0, 0, 0, 1, 1, 1], [2, 2, 2, 3, 3, 3]]
+    with pytest.raises(UsageError, match="split evenly"):
+        batch.shard(3)
+
+    method = build_method(tiny_config("sd3", "train.micro_batch_size=4"))
+    rollout = rollout_batch(method, 0, PROMPTS[:3], group_size=2)
+    assert rollout.micro_batches() == [slice(0, 4), slice(4, 6)]
+    rollout.micro_batch_size = 3  # a size train.* validation would refuse for group_size 2
+    with pytest.raises(UsageError, match="splits group 1"):
+        rollout.micro_batches()
+    assert isinstance(PromptBatch(["a"], np.zeros(1, dtype=np.int64), 1).shard(1)[0], PromptBatch)
+
+
+def test_a_group_can_share_its_initial_noise(tiny_config):
+    """DanceGRPO's init_same_noise: one initial noise per group, different across groups."""
+    method = build_method(tiny_config("sd3"))
+    shard = PromptBatch([p for p in PROMPTS[:2] for _ in range(3)], np.repeat(np.arange(2), 3), 3)
+    for shared in (True, False):
+        trajectory, _ = draw_rollout(method.roles["generator"], method.cfg,
+                                     RolloutSpec(CPS(1.0), shared_noise_in_group=shared), 0, shard, 0, decode=False,
+                                     weights_version=0)
+        start = trajectory.states[:, 0]
+        assert torch.equal(start[0], start[2]) == shared and torch.equal(start[3], start[5]) == shared
+        assert not torch.equal(start[0], start[3])

@@ -27,8 +27,8 @@ def dmd_table(generator_rank: int, critic_rank: int, **critic) -> dict[str, Role
 @pytest.mark.parametrize("generator_rank,critic_rank", [(4, 4), (4, 0), (0, 4), (0, 0)])
 def test_bfloat16_model_keeps_every_trainable_parameter_in_float32(tiny_pipeline_dir, family, generator_rank,
                                                                    critic_rank):
-    """H1: with model.dtype=bfloat16 the frozen base weights are bf16 and every trainable parameter (LoRA or full)
-    is fp32; on the old code every one of them was bf16."""
+    """H1: with model.dtype=bfloat16 the frozen weights (base weights, text encoders, VAE) are bf16 and every
+    trainable parameter (LoRA or full) is fp32; on the old code every one of them was bf16."""
     roles = build_roles(tiny_pipeline_dir(family), dmd_table(generator_rank, critic_rank), dtype="bfloat16")
     dtypes = frozen_and_trainable_dtypes(roles)
     assert dtypes == {"trainable": {torch.float32}, "frozen": {torch.bfloat16}}

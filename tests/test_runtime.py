@@ -55,6 +55,25 @@ def test_inprocess_run_writes_a_complete_run_directory(recipe, tmp_path):
                  "run.name=demo"]) == 2
 
 
+def test_a_bfloat16_lora_run_at_lr_1e_6_moves_every_lora_tensor(recipe, tmp_path):
+    """H1 through `rlfew train`: with model.dtype=bfloat16 the LoRA weights train in float32, so three generator
+    updates at lr 1e-6 change every LoRA tensor (A too, once B has left zero). In bf16, the old layout, a step of
+    1e-6 on a weight of ~0.1 (ulp 4.9e-4) rounds away."""
+    from rlfew.checkpoint import load_checkpoint
+    from rlfew.method import build_method
+
+    overrides = [*recipe, "model.dtype=bfloat16", "train.lr=1e-6", "roles.critic.lora_rank=4",
+                 "algo.options={ttur: 1}", "train.steps=3", "train.save_every=3", "train.sample_every=0",
+                 "runtime.backend=inprocess", f"run.output_dir={tmp_path}", "run.name=bf16"]
+    assert main(["train", *overrides]) == 0
+    cfg = load_config(tmp_path / "bf16" / "config.yaml")
+    initial = build_method(cfg).roles["generator"].trainable_state_dict()  # the run's seed: its initial LoRA
+    trained = load_checkpoint(tmp_path / "bf16" / "checkpoints" / "step_3").tensors["generator"]
+    assert all(value.dtype == torch.float32 for value in trained.values())
+    unchanged = [name for name, value in trained.items() if torch.equal(value, initial[name])]
+    assert not unchanged, unchanged
+
+
 def test_keep_checkpoints_prunes_the_oldest(recipe, tmp_path):
     assert main(["train", *recipe, "train.steps=6", "train.save_every=1", "train.keep_checkpoints=2",
                  "train.sample_every=0", "runtime.backend=inprocess", f"run.output_dir={tmp_path}",

@@ -54,8 +54,10 @@ def test_shipped_world_clip_loads_with_plain_transformers_and_retrieves_well():
     model = CLIPModel.from_pretrained(folder, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     report = retrieval_report(model, tokenizer, count=60, candidates=8, seed=7)
-    assert report["top1"] >= 0.6, report  # chance: 1/8
-    assert report["hard_negative"] >= 0.7, report  # chance: 1/2
+    # seen (seed 7, 60 captions): top-1 0.88 among 8 (chance 1/8), hard negatives 0.98 (chance 1/2); the bounds
+    # leave room for BLAS rounding on other machines yet fail for a broken tower or tokenizer
+    assert report["top1"] >= 0.6, report
+    assert report["hard_negative"] >= 0.7, report
 
 
 def test_world_clip_score_is_differentiable_in_the_image():

@@ -82,9 +82,6 @@ class Conditioning:
     def index(self, index) -> "Conditioning":
         return self._map(lambda t: t[index])
 
-    def repeat_interleave(self, repeats: int) -> "Conditioning":
-        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
         first = items[0]

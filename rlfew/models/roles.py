@@ -266,23 +266,25 @@ def build_roles(model_source: str, specs: Mapping[str, RoleSpec], *, teacher_sou
 
     model_source: the pipeline (text encoders, VAE, scheduler) and, unless overridden, both networks;
     teacher_source / student_source: folders whose denoiser is the teacher / the student network (their text
-    encoders and VAE must match the pipeline's). Trainable weights are float32; frozen base weights are cast to
-    their role's dtype (default `dtype`) once every adapter is attached.
+    encoders and VAE must match the pipeline's). Trainable weights are float32; frozen weights (the text encoders,
+    the VAE, base weights under adapters) take `dtype`, or a role's own dtype, once every adapter is attached.
     """
     specs = dict(specs)
     for name, spec in specs.items():
         spec.check(name, specs)
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype: {dtype!r} is not allowed; choose one of {', '.join(DTYPES)}")
-    pipeline = load_pipeline(model_source, dtype=torch.float32, device=device)
+    # Everything is built and cast on the CPU, then moved once: a network loaded in float32 and cast on the device
+    # would briefly need both copies there.
+    pipeline = load_pipeline(model_source, dtype=torch.float32, device="cpu")
     adapter = make_adapter(pipeline, device)
-    for module in pipeline.components.values():  # text encoders and the VAE are frozen and shared by every role
-        if isinstance(module, nn.Module):
-            module.requires_grad_(False)
+    frozen_parts = [module for module in pipeline.components.values() if isinstance(module, nn.Module)]
+    for module in frozen_parts:  # text encoders and the VAE are frozen and shared by every role
+        module.requires_grad_(False)
 
     base_roles = {name: spec for name, spec in specs.items() if spec.ema_of is None}
     networks = _load_networks(adapter, pipeline, {spec.init for spec in base_roles.values()}, model_source,
-                              teacher_source, student_source, device)
+                              teacher_source, student_source)
     users: dict[int, list[str]] = {}  # network id -> roles running on it (teacher and student may be one object)
     for name, spec in base_roles.items():
         if not spec.own_network:
@@ -323,14 +325,21 @@ def build_roles(model_source: str, specs: Mapping[str, RoleSpec], *, teacher_sou
     # Full fine-tunes and full EMA copies stay float32; everything else is a frozen base under its dtype.
     float32_networks = {id(role.net) for role in built.values() if role.lora is None and (
         role.trainable or specs[role.name].ema_of is not None)}
-    for net in {id(role.net): role.net for role in built.values()}.values():
+    denoisers = {id(role.net): role.net for role in built.values()}
+    for net in denoisers.values():
         if id(net) not in float32_networks:
             _cast_frozen_base(net, DTYPES[base_dtypes.get(id(net), (dtype,))[0]])
+    for module in frozen_parts:
+        if all(module is not net for net in denoisers.values()):
+            module.to(DTYPES[dtype])
+    pipeline.to(device)
+    for net in denoisers.values():
+        net.to(device)
     return Roles(adapter, built, specs)
 
 
 def _load_networks(adapter: FamilyAdapter, pipeline, wanted: set[str], model_source: str, teacher_source: str | None,
-                   student_source: str | None, device) -> dict[str, nn.Module]:
+                   student_source: str | None) -> dict[str, nn.Module]:
     """The teacher and student denoisers (float32, prepared for the adapter); one object when their sources
     resolve to the same folder."""
     pipeline_net = adapter.prepare_network(denoiser_of(pipeline))
@@ -347,8 +356,7 @@ def _load_networks(adapter: FamilyAdapter, pipeline, wanted: set[str], model_sou
         elif resolved in loaded:
             networks[network] = loaded[resolved]
         else:
-            loaded[resolved] = adapter.prepare_network(load_denoiser(sources[network], pipeline_net,
-                                                                     torch.float32).to(device))
+            loaded[resolved] = adapter.prepare_network(load_denoiser(sources[network], pipeline_net, torch.float32))
             networks[network] = loaded[resolved]
     return networks
 
@@ -379,10 +387,12 @@ def _cast_frozen_base(net: nn.Module, dtype: torch.dtype) -> None:
 
 
 def frozen_and_trainable_dtypes(roles: Roles) -> dict[str, set[torch.dtype]]:
-    """{"trainable": dtypes of every trainable parameter, "frozen": of every frozen denoiser weight} (a check for
-    the mixed-precision rule: trainable weights are float32 whatever model.dtype is)."""
+    """{"trainable": dtypes of every trainable parameter, "frozen": of every frozen weight (denoisers, text encoders,
+    VAE)}: the mixed-precision rule says trainable weights are float32 whatever model.dtype is."""
     trainable = {p.dtype for name in roles.trainable() for p in roles[name].trainable_parameters()}
-    frozen = {p.dtype for role in roles.values() for p in role.net.parameters() if not p.requires_grad}
+    modules = [role.net for role in roles.values()] + [
+        module for module in roles.adapter.pipeline.components.values() if isinstance(module, nn.Module)]
+    frozen = {p.dtype for module in modules for p in module.parameters() if not p.requires_grad}
     return {"trainable": trainable, "frozen": frozen}
 
 

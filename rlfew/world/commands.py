@@ -4,7 +4,6 @@ rlfew.world.pipeline, the world generator)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 from dataclasses import fields
@@ -82,8 +81,7 @@ def register_cli(subparsers) -> None:
     train_clip.add_argument("--eval-count", type=int, default=300, help="held-out renders for the retrieval report")
     train_clip.set_defaults(func=_train_clip_command)
 
-    # The generator's training commands live with the pipeline, which may not have landed yet.
-    if importlib.util.find_spec("rlfew.world.pipeline") is not None:
-        from rlfew.world import pipeline
+    # The generator's training commands live with the pipeline.
+    from rlfew.world import pipeline
 
-        pipeline.register_world_cli(world_subparsers)
+    pipeline.register_world_cli(world_subparsers)
