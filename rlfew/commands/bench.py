@@ -36,6 +36,8 @@ def register_cli(subparsers) -> None:
     runtime.add_argument("--prompts", default="world:train", help="world:train or a prompt file")
     runtime.add_argument("--steps", type=int, default=20, help="timed iterations per mode (after 2 warm-up)")
     runtime.add_argument("--prompts-per-step", type=int, default=16)
+    runtime.add_argument("--lora-rank", type=int, default=0, help="generator and critic LoRA rank (0: full, as "
+                         "configs/world/dmd.yaml)")
     runtime.add_argument("--out", default="bench_runtime.json")
     runtime.set_defaults(func=run_runtime_bench)
 
@@ -126,7 +128,8 @@ RUNTIME_MODES = {  # placement and staleness of each measured mode
 
 
 def run_runtime_bench(args) -> int:
-    """World DMD2 (full generator and critic, as configs/world/dmd.yaml) timed per iteration in every mode: the
+    """World DMD2 (by default a full generator and critic, as configs/world/dmd.yaml) timed per iteration in every
+    mode: the
     median of `--steps` iterations after two warm-up ones, and its ratio to the in-process run. Each Ray mode starts
     and stops its own local Ray, as a user's run does; startup counts until the first iteration is done (actors
     are built asynchronously)."""
@@ -139,7 +142,8 @@ def run_runtime_bench(args) -> int:
         for mode, overrides in RUNTIME_MODES.items():
             cfg = load_config(None, [f"model.source={args.model}", *student, f"train.prompts={args.prompts}",
                                      f"train.prompts_per_step={args.prompts_per_step}", f"train.steps={args.steps + 2}",
-                                     "roles.generator.lora_rank=0", "roles.critic.lora_rank=0", "teacher.guidance=4.0",
+                                     f"roles.generator.lora_rank={args.lora_rank}",
+                                     f"roles.critic.lora_rank={args.lora_rank}", "teacher.guidance=4.0",
                                      "train.sample_every=0", f"train.save_every={10**9}", "train.log_every=1",
                                      f"run.output_dir={scratch}/runs", f"run.name={mode}", *overrides])
             trainer = Trainer(cfg)
@@ -164,7 +168,8 @@ def run_runtime_bench(args) -> int:
     for mode in results:
         results[mode]["step_time_ratio_vs_inprocess"] = results[mode]["median_step_seconds"] / base
     return _write(args.out, {"bench": "runtime", "method": "dmd", "model": args.model, "student": args.student,
-                             "prompts_per_step": args.prompts_per_step, "timed_steps": args.steps,
+                             "prompts_per_step": args.prompts_per_step, "lora_rank": args.lora_rank,
+                             "timed_steps": args.steps,
                              "results": results, "environment": _environment()})
 
 
