@@ -60,7 +60,10 @@ def group_advantages(scores: Mapping[str, torch.Tensor], weights: Mapping[str, f
         means = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_index, values) / sizes
         centred = values - means[group_index]
         squares = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_index, centred**2)
-        flat &= squares == 0
+        # flat: every sample scored the same (max = min; a mean's rounding leaves tiny non-zero squares)
+        highest = torch.full((groups,), -torch.inf, dtype=torch.float64).scatter_reduce(0, group_index, values, "amax")
+        lowest = torch.full((groups,), torch.inf, dtype=torch.float64).scatter_reduce(0, group_index, values, "amin")
+        flat &= highest == lowest
         std = values.std(correction=0) if spec.std == "global" else (squares / sizes).sqrt()[group_index]
         total += weights[name] * centred / (std + spec.eps)
     valid = ~flat[group_index]

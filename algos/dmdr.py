@@ -72,7 +72,7 @@ class DMDROptions(GANOptions):
     real_guidance: float | None = None  # CFG scale of the real score; None: teacher.guidance
     reward_weight: float = 0.05  # λ (DMDR ImageNet: 0.05 on a cross-entropy; T2I: 0.1 per reward)
     distillation_weight: float = 1.0  # weight of L_DMD; 0 is reward-only fine-tuning (the ReFL baseline)
-    cold_start_steps: int = 0  # generator turns of pure DMD before the reward term joins
+    cold_start_steps: int = 0  # generator turns of pure DMD (weight 1: the cold start is DMD) before the reward joins
     decode_checkpointed: bool = False  # recompute the VAE decoder in backward (memory for compute)
     generator_input: Literal["renoised_x0", "rollout_state"] = "renoised_x0"  # DMDR's quirk / DMD2's state
     dynadg: bool = True  # real score = teacher + critic LoRA at a decaying scale (needs a LoRA critic)
@@ -104,6 +104,7 @@ class DMDROptions(GANOptions):
 class DMDR(Method):
     name = "dmdr"
     Options = DMDROptions
+    moved_options = {"fake_lora_scale": "roles.critic.lora_scale (s_f, the critic LoRA's own scale)"}
 
     @classmethod
     def spec(cls, cfg: TrainConfig, options: DMDROptions) -> MethodSpec:

@@ -111,7 +111,9 @@ class DiscriminatorHead(nn.Module):
 
 
 class GANHead:
-    """The discriminator, its real-image source and its two loss terms for one method's critic."""
+    """The discriminator, its real-image source and its two loss terms for one method's critic. Its noise levels,
+    noise and real images are drawn per call, i.e. per micro-batch: train.micro_batch_size changes those draws
+    (not their distribution), unlike the DM and critic terms, which draw for the whole shard first."""
 
     def __init__(self, critic: Role, options: GANOptions, latent_shape: tuple[int, int, int]):
         self.critic, self.adapter = critic, critic.adapter

@@ -95,6 +95,7 @@ class StepResult:
 class Method(abc.ABC):
     name: ClassVar[str]
     Options: ClassVar[type]  # a dataclass; its fields are `algo.options` in the config
+    moved_options: ClassVar[dict[str, str]] = {}  # options of earlier versions -> where the setting lives now
 
     def __init__(self, roles: Roles, options: Any, cfg: TrainConfig, reward=None):
         self.roles = roles
@@ -234,7 +235,11 @@ def available_methods() -> list[str]:
 
 def resolve_algo_options(cfg: TrainConfig) -> Any:
     """`cfg.algo.options` validated against the method's options dataclass (errors name algo.options.<key>)."""
-    return config_from_dict(get_method(cfg.algo.name).Options, cfg.algo.options, prefix="algo.options")
+    method_cls = get_method(cfg.algo.name)
+    moved = sorted(set(cfg.algo.options) & set(method_cls.moved_options))
+    if moved:
+        raise ConfigError(f"'algo.options.{moved[0]}' has moved: use {method_cls.moved_options[moved[0]]}")
+    return config_from_dict(method_cls.Options, cfg.algo.options, prefix="algo.options")
 
 
 @dataclass
@@ -254,6 +259,9 @@ def resolve_method(cfg: TrainConfig) -> ResolvedMethod:
     method_cls.check_roles(roles, options)
     if spec.rewards == "workers" and not cfg.reward:
         raise ConfigError(f"reward: method {cfg.algo.name!r} trains on rewards; give one, e.g. --reward world")
+    if spec.advantages is not None and cfg.train.group_size < 2:
+        raise ConfigError(f"train.group_size: method {cfg.algo.name!r} normalises rewards within a prompt's group, "
+                          f"which needs at least 2 images per prompt, got {cfg.train.group_size}")
     if cfg.runtime.max_staleness > spec.max_staleness:
         raise ConfigError(f"runtime.max_staleness: method {cfg.algo.name!r} accepts rollouts at most "
                           f"{spec.max_staleness} update(s) stale, got {cfg.runtime.max_staleness}")

@@ -76,7 +76,11 @@ class RoleOptimizer:
         return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
+        """Moments and step count from `state`; the hyperparameters stay this run's settings (torch's
+        load_state_dict would bring back the saved betas and weight decay)."""
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group.update(betas=tuple(self.settings.betas), weight_decay=self.settings.weight_decay)
         self.steps = int(state["steps"])
 
 

@@ -62,3 +62,10 @@ def test_mismatched_names_and_shapes_are_refused():
         group_advantages({"a": torch.ones(2)}, {"b": 1.0}, torch.tensor([0, 0]), AdvantageSpec())
     with pytest.raises(ValueError, match=r"reward 'a' has shape \(3,\)"):
         group_advantages({"a": torch.ones(3)}, {"a": 1.0}, torch.tensor([0, 0]), AdvantageSpec())
+
+
+def test_a_group_of_equal_float64_scores_is_flat_despite_the_rounding_of_its_mean():
+    """A mean of equal doubles can differ from them by an ulp; the group is still flat, masked and counted."""
+    values = torch.full((2000 * 3,), 0.1, dtype=torch.float64) * torch.arange(1, 2001).repeat_interleave(3) / 7
+    got = group_advantages({"r": values}, {"r": 1.0}, torch.arange(2000).repeat_interleave(3), AdvantageSpec())
+    assert got.zero_variance_groups == 2000 and not got.valid.any() and got.values.abs().max() == 0

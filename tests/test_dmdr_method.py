@@ -178,6 +178,11 @@ def test_bad_options_name_the_key(bad, named):
         DMDR.Options(**bad)
 
 
+def test_a_moved_option_says_where_it_lives_now():
+    with pytest.raises(ConfigError, match="'algo.options.fake_lora_scale' has moved: use roles.critic.lora_scale"):
+        resolve_method(load_config(None, ["algo.name=dmdr", "algo.options={fake_lora_scale: 2.0}"]))
+
+
 def test_distillation_weight_zero_is_reward_only_fine_tuning(tiny_config, tiny_pickscore):
     """The reward-hacking baseline: with L_DMD weighted 0 the generator's step ignores the critic entirely, so a
     randomised critic LoRA leaves it unchanged; with the DM term on, it does not."""

@@ -160,14 +160,16 @@ def test_each_group_gets_its_advantages_and_a_skipped_update_is_a_field(probe_ru
 
 
 def test_a_method_by_module_path_and_staleness_it_does_not_accept(probe_run):
-    cfg = load_config(None, ["algo.name=test_method_seam:ProbeSurrogate", "reward=jpeg"])
+    cfg = load_config(None, ["algo.name=test_method_seam:ProbeSurrogate", "reward=jpeg", "train.group_size=2"])
     assert resolve_method(cfg).cls is ProbeSurrogate
-    cfg = load_config(None, ["algo.name=probe_surrogate", "reward=jpeg", "runtime.placement=disaggregated",
-                             "runtime.max_staleness=1"])
+    cfg = load_config(None, ["algo.name=probe_surrogate", "reward=jpeg", "train.group_size=2",
+                             "runtime.placement=disaggregated", "runtime.max_staleness=1"])
     with pytest.raises(ConfigError, match="runtime.max_staleness"):
         resolve_method(cfg)
     with pytest.raises(ConfigError, match="reward: method 'probe_surrogate' trains on rewards"):
         resolve_method(load_config(None, ["algo.name=probe_surrogate"]))
+    with pytest.raises(ConfigError, match="train.group_size: .* at least 2 images per prompt"):
+        resolve_method(load_config(None, ["algo.name=probe_surrogate", "reward=jpeg", "train.group_size=1"]))
 
 
 # ------------------------------------------------------------------------------------------- Ray, 2 learners
@@ -208,6 +210,29 @@ def test_two_learners_see_whole_groups_and_batch_wide_advantages(probe_run, tmp_
         # per-shard statistics would differ: each learner's own std of its 4 scores
         shard_std = [scores[groups.numpy() < 2].std(correction=0), scores[groups.numpy() >= 2].std(correction=0)]
         assert not np.isclose(float(shard_std[0]), float(scores.std(correction=0)), rtol=1e-3)
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_a_resumed_disaggregated_run_with_stale_rollouts_is_bit_exact(tiny_pipeline_dir, tmp_path, staleness):
+    """With max_staleness 1 the rollout of the step after a checkpoint was drawn, one update stale, before the
+    checkpoint: the checkpoint keeps those weights, so the resumed run draws it as the uninterrupted one did."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    common = ["train", f"model.source={tiny_pipeline_dir('sd3')}", f"train.prompts={prompts}",
+              f"eval.prompts={prompts}", "train.prompts_per_step=2", "generator.steps=2", "train.log_every=1",
+              "train.sample_every=0", "train.save_every=2", "runtime.backend=inprocess",
+              "runtime.placement=disaggregated", f"runtime.max_staleness={staleness}", f"run.output_dir={tmp_path}",
+              "algo.options={ttur: 1}"]
+    assert main([*common, "train.steps=4", "run.name=straight"]) == 0
+    assert main([*common, "train.steps=2", "run.name=resumed"]) == 0
+    assert main([*common, "train.steps=4", "run.name=resumed", "run.resume=auto"]) == 0
+    drop_times = lambda records: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]  # noqa: E731
+    straight, resumed = (drop_times(read_metrics(tmp_path / name)) for name in ("straight", "resumed"))
+    assert resumed == straight
+    assert [r["rollout/weights_lag"] for r in resumed] == ([0.0, 1.0, 1.0, 1.0] if staleness else [0.0] * 4)
+    final = [load_checkpoint(tmp_path / name / "checkpoints" / "step_4").tensors["generator"]
+             for name in ("straight", "resumed")]
+    assert all(torch.equal(value, final[1][key]) for key, value in final[0].items())
 
 
 @pytest.mark.ray

@@ -90,6 +90,18 @@ def test_state_round_trip_and_callbacks_after_applied_steps():
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
+def test_a_resumed_optimiser_keeps_this_runs_betas_and_weight_decay():
+    first = torch.nn.Parameter(torch.zeros(2))
+    optimizer = RoleOptimizer("g", [first], OptimizerSettings(lr=0.1, weight_decay=0.01))
+    backward(quadratic([first]), optimizer)
+    optimizer.step()
+    changed = RoleOptimizer("g", [torch.nn.Parameter(torch.zeros(2))],
+                            OptimizerSettings(lr=0.1, betas=(0.0, 0.99), weight_decay=0.0))
+    changed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    group = changed.optimizer.param_groups[0]
+    assert group["betas"] == (0.0, 0.99) and group["weight_decay"] == 0.0 and changed.steps == 1
+
+
 def test_buckets_split_by_size_dtype_and_device(monkeypatch):
     monkeypatch.setattr(optim, "BUCKET_BYTES", 40)
     grads = [torch.zeros(4), torch.zeros(4), torch.zeros(4, dtype=torch.float64), torch.zeros(20)]

@@ -184,9 +184,32 @@ def test_recipe_overrides_of_the_role_table():
             merge_role_specs(declared, overrides, "dmd")
 
 
-def test_roles_on_one_network_cannot_ask_for_two_dtypes(tiny_pipeline_dir):
-    table = {"teacher": RoleSpec(init="teacher", dtype="bfloat16"),
-             "reference": RoleSpec(init="teacher", lora_rank=4, dtype="float16"),
-             "generator": RoleSpec(init="student", lora_rank=4, trainable=True)}
-    with pytest.raises(ConfigError, match="roles.reference.dtype"):
+def test_roles_on_one_network_cannot_ask_for_two_dtypes(tiny_pipeline_dir, other_sd3):
+    """A bf16 teacher is its own network only when the student has its own source; on one shared network the
+    generator's base would silently become bf16 on the learner but stay model.dtype on a rollout worker that builds
+    the generator alone."""
+    table = dmd_table(4, 4)
+    table["teacher"] = RoleSpec(init="teacher", dtype="bfloat16")
+    with pytest.raises(ConfigError, match=r"roles.teacher.dtype: bfloat16 would also be the frozen base of role "
+                                          r"'generator'"):
         build_roles(tiny_pipeline_dir("sd3"), table)
+    learner = build_roles(tiny_pipeline_dir("sd3"), table, student_source=other_sd3)
+    worker = build_roles(tiny_pipeline_dir("sd3"), {"generator": table["generator"]}, student_source=other_sd3)
+    base = lambda roles: {p.dtype for n, p in roles["generator"].net.named_parameters() if ".lora_" not in n}  # noqa: E731
+    assert base(learner) == base(worker) == {torch.float32}
+    assert {p.dtype for n, p in learner["teacher"].net.named_parameters() if ".lora_" not in n} == {torch.bfloat16}
+    table["reference"] = RoleSpec(init="teacher", dtype="float16")
+    with pytest.raises(ConfigError, match="roles.reference.dtype: float16 conflicts with bfloat16 of role 'teacher'"):
+        build_roles(tiny_pipeline_dir("sd3"), table, student_source=other_sd3)
+
+
+def test_an_ema_copy_takes_everything_from_its_role():
+    declared = dmd_table(16, 16)
+    for fields, named in [({"ema_of": "generator", "lora_rank": 4}, "roles.generator_ema.lora_rank"),
+                          ({"ema_of": "generator", "lr": 1e-3}, "roles.generator_ema.lr")]:
+        with pytest.raises(ConfigError, match=named):
+            merge_role_specs(declared, {"generator_ema": fields}, "dmd")
+    with pytest.raises(ConfigError, match="roles.critic.ema_decay"):
+        merge_role_specs(declared, {"critic": {"ema_decay": 0.9}}, "dmd")
+    with pytest.raises(ConfigError, match="roles.critic.lora_scale"):
+        merge_role_specs(declared, {"critic": {"lora_scale": 0.0}}, "dmd")

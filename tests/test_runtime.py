@@ -193,7 +193,9 @@ def _training_metrics(records: list[dict]) -> list[dict]:
 @pytest.mark.ray
 def test_ray_placements_match_the_inprocess_run_and_survive_dead_actors(recipe, tmp_path, ray_local):
     """Colocated and disaggregated Ray runs compute what the in-process run computes, metric for metric; killing
-    the rollout worker and the reward worker mid-run restarts them and re-runs their batch without changing it."""
+    the rollout worker and the reward worker mid-run restarts them and re-runs their batch without changing it, and
+    a rollout worker Ray has already restarted between two steps is re-synced before it rolls out (it refuses to
+    roll out with other weights than the driver expects)."""
     reference = _trainer(recipe, tmp_path, "runtime.backend=inprocess", "run.name=ref", "train.steps=4",
                          "reward=jpeg")
     assert reference.run() == 0
@@ -205,11 +207,25 @@ def test_ray_placements_match_the_inprocess_run_and_survive_dead_actors(recipe, 
                       "run.name=faulty", "train.steps=4", "reward=jpeg")
     original_iteration = faulty.iteration
 
+    def restarted(handle) -> None:
+        """Wait until Ray has brought the killed actor back (empty: no generator weights yet)."""
+        for _ in range(120):
+            try:
+                ray_local.get(handle.__ray_ready__.remote(), timeout=10)
+                return
+            except Exception:  # noqa: BLE001 - unavailable while restarting
+                time.sleep(0.5)
+        raise AssertionError("the rollout worker was not restarted")
+
     def iteration_with_faults(step):
-        if step == 2:
+        if step == 2:  # mid-run: the weight sync to the rollout worker may still be in flight
             ray_local.kill(faulty.rollout_workers[0].handle, no_restart=False)
             ray_local.kill(faulty.reward_workers["jpeg"].handle, no_restart=False)
-        return original_iteration(step)
+        result = original_iteration(step)
+        if step == 2:  # between steps, back up before the next rollout: it must not roll out with its empty weights
+            ray_local.kill(faulty.rollout_workers[0].handle, no_restart=False)
+            restarted(faulty.rollout_workers[0].handle)
+        return result
 
     faulty.iteration = iteration_with_faults
     assert faulty.run() == 0

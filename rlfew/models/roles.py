@@ -66,7 +66,14 @@ class RoleSpec:
     def check(self, name: str, roles: Mapping[str, "RoleSpec"]) -> None:
         """Errors name `roles.<name>.<field>` and what is allowed."""
         key = f"roles.{name}"
+        if not self.lora_scale > 0:
+            raise ConfigError(f"{key}.lora_scale: must be > 0, got {self.lora_scale}")
         if self.ema_of is not None:
+            copied = sorted(f.name for f in dataclasses.fields(self) if f.name not in ("ema_of", "ema_decay")
+                            and getattr(self, f.name) != f.default)
+            if copied:
+                raise ConfigError(f"{key}.{copied[0]}: an EMA copy takes everything from its role "
+                                  f"({self.ema_of!r}); set only ema_of and ema_decay")
             if self.ema_of not in roles or self.ema_of == name:
                 raise ConfigError(f"{key}.ema_of: {self.ema_of!r} is not another role; roles: {', '.join(roles)}")
             if self.trainable or not roles[self.ema_of].trainable:
@@ -75,6 +82,8 @@ class RoleSpec:
             if not 0.0 <= self.ema_decay < 1.0:
                 raise ConfigError(f"{key}.ema_decay: must be in [0, 1), got {self.ema_decay}")
             return
+        if self.ema_decay != RoleSpec.ema_decay:
+            raise ConfigError(f"{key}.ema_decay: only an EMA copy (ema_of) has a decay")
         if self.init not in NETWORKS:
             raise ConfigError(f"{key}.init: {self.init!r} is not allowed; choose one of {', '.join(NETWORKS)}")
         if self.lora_rank < 0:
@@ -260,14 +269,16 @@ def add_lora(net: nn.Module, name: str, rank: int, alpha: float | None = None,
 
 
 def build_roles(model_source: str, specs: Mapping[str, RoleSpec], *, teacher_source: str | None = None,
-                student_source: str | None = None, dtype: str = "float32",
-                device: str | torch.device = "cpu") -> Roles:
+                student_source: str | None = None, dtype: str = "float32", device: str | torch.device = "cpu",
+                standalone: tuple[str, ...] = ("generator",)) -> Roles:
     """Build every role of `specs` (see the module docstring) over one pipeline.
 
     model_source: the pipeline (text encoders, VAE, scheduler) and, unless overridden, both networks;
     teacher_source / student_source: folders whose denoiser is the teacher / the student network (their text
     encoders and VAE must match the pipeline's). Trainable weights are float32; frozen weights (the text encoders,
     the VAE, base weights under adapters) take `dtype`, or a role's own dtype, once every adapter is attached.
+    standalone: roles that are also built alone elsewhere, so their network's frozen dtype must not depend on the
+    other roles.
     """
     specs = dict(specs)
     for name, spec in specs.items():
@@ -315,6 +326,8 @@ def build_roles(model_source: str, specs: Mapping[str, RoleSpec], *, teacher_sou
             for _, param in role._own_parameters():
                 param.requires_grad_(role.trainable)
 
+    # A network's frozen base takes the dtype its roles set (they must agree), else model.dtype. A role that is also
+    # built on its own (the generator, on rollout workers and for export) must get the same base both ways.
     base_dtypes: dict[int, tuple[str, str]] = {}  # network id -> (dtype of its frozen base weights, set by role)
     for name, spec in base_roles.items():
         if spec.dtype is not None and not (spec.trainable and spec.lora_rank == 0):
@@ -322,6 +335,16 @@ def build_roles(model_source: str, specs: Mapping[str, RoleSpec], *, teacher_sou
             if earlier[0] != spec.dtype:
                 raise ConfigError(f"roles.{name}.dtype: {spec.dtype} conflicts with {earlier[0]} of role "
                                   f"{earlier[1]!r}, which runs on the same network")
+    for name in standalone:
+        spec = base_roles.get(name)
+        if spec is None or (spec.trainable and spec.lora_rank == 0):
+            continue
+        own, (shared, setter) = spec.dtype or dtype, base_dtypes.get(id(nets[name]), (spec.dtype or dtype, name))
+        if shared != own:
+            raise ConfigError(f"roles.{setter}.dtype: {shared} would also be the frozen base of role {name!r}, "
+                              f"which is built on its own elsewhere (rollout workers, export) in {own}; set "
+                              f"model.dtype instead, or give {name!r} a network of its own (a separate "
+                              f"generator.source, or own_network)")
     # Full fine-tunes and full EMA copies stay float32; everything else is a frozen base under its dtype.
     float32_networks = {id(role.net) for role in built.values() if role.lora is None and (
         role.trainable or specs[role.name].ema_of is not None)}

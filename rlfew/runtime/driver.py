@@ -26,11 +26,12 @@ from rlfew.method import resolve_method
 from rlfew.run import RunDir
 from rlfew.runtime.prompts import PromptBatch, PromptSource
 from rlfew.runtime.seeds import SAMPLES_STREAM, step_seed
-from rlfew.runtime.workers import Learner, RewardWorker, RolloutWorker
+from rlfew.runtime.workers import Learner, RewardWorker, RolloutWorker, StaleRolloutWeights
 
 log = logging.getLogger(__name__)
 
 ACTOR_RETRIES = 4
+STALE_ROLLOUT_WEIGHTS = "stale_rollout_generator"  # checkpoint group: the weights the next rollout was drawn with
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,6 +74,11 @@ class _Actor:
         return value
 
 
+def _is_rerunnable(err: Exception) -> bool:
+    """An actor died (Ray restarts it) or came back without the current weights: re-prepare it, re-run its batch."""
+    return _is_actor_death(err) or isinstance(err, StaleRolloutWeights)
+
+
 def _is_actor_death(err: Exception) -> bool:
     try:
         from ray.exceptions import RayActorError
@@ -112,6 +118,7 @@ class Trainer:
         self.reward_workers: dict[str, _Actor] = {}
         self.weights = None  # the lead learner's generator state (a reference under Ray)
         self.weights_version = 0  # the version rollout workers were last sent
+        self.previous_weights = None  # the state before it: what a rollout drawn one update stale ran on
         self.updates_done = 0  # updates the learners have applied
         self._pending_syncs: list[tuple[_Actor, Any]] = []
         self._prefetched: Rollouts | None = None
@@ -157,17 +164,26 @@ class Trainer:
                 self.reward_workers[entry.name] = _Actor(RewardWorker, (entry.name, entry.options), ray_options,
                                                          self.backend)
         self.start_step = 0
+        stale_weights = None
         if self.resume_from is not None:
             from rlfew.checkpoint import load_checkpoint
 
             checkpoint = load_checkpoint(self.resume_from)
             self.start_step = checkpoint.step
+            stale_weights = checkpoint.tensors.pop(STALE_ROLLOUT_WEIGHTS, None)
             refs = [learner.call("load_checkpoint_state", checkpoint.tensors, checkpoint.state, checkpoint.step)
                     for learner in self.learners]
             for learner, ref in zip(self.learners, refs):
                 learner.fetch(ref)
             log.info("resumed from %s (step %d)", self.resume_from, checkpoint.step)
         self.updates_done = self.start_step
+        if stale_weights is not None and self.rollout_workers:
+            # An uninterrupted run drew this step's rollout one update stale, while the last update ran: so does
+            # the resumed one, from the weights the checkpoint kept for it.
+            self.weights, self.weights_version = stale_weights, self.start_step - 1
+            self._pending_syncs = [(w, w.call("set_generator_state", stale_weights, self.weights_version))
+                                   for w in self.rollout_workers]
+            self._prefetched = self._draw(self.start_step, self._shards(self.start_step))
         self.sync_weights(self.start_step)
 
     def sync_weights(self, version: int) -> None:
@@ -177,28 +193,29 @@ class Trainer:
         if not self.rollout_workers:
             return
         lead = self.learners[0]
-        self.weights = lead.call("generator_state")
+        self.previous_weights, self.weights = self.weights, lead.call("generator_state")
         self.weights_version = version
         self._pending_syncs += [(w, w.call("set_generator_state", self.weights, version)) for w in self.rollout_workers]
 
     def _with_restarts(self, actor: _Actor, what: str, call, on_restart=None):
-        """Run `call()` and fetch its result; if the actor died, wait for Ray to restart it, re-prepare it
-        (`on_restart`, e.g. re-sync weights) and re-run the batch. `call` may return a list of references: the
-        last one is fetched (a rollout's images) and all of them are returned."""
+        """Re-run a batch whose actor failed: re-prepare the actor (`on_restart`, e.g. re-sync weights; before every
+        attempt, since Ray may already have restarted it), run `call()` and fetch its result; while the actor is dead
+        or restarting, wait and try again. `call` may return a list of references: the last one is fetched (a
+        rollout's images) and all of them are returned."""
         for attempt in range(ACTOR_RETRIES + 1):
             try:
-                if attempt > 0 and on_restart is not None:
+                if on_restart is not None:
                     on_restart()
                 refs = call()
                 if isinstance(refs, list):
                     actor.fetch(refs[-1])
                     return refs
                 return actor.fetch(refs)
-            except Exception as err:  # noqa: BLE001 - only actor deaths are retried, the rest re-raised
-                if not _is_actor_death(err) or attempt == ACTOR_RETRIES:
+            except Exception as err:  # noqa: BLE001 - only dead or stale actors are retried, the rest re-raised
+                if not _is_rerunnable(err) or attempt == ACTOR_RETRIES:
                     raise
-                log.warning("%s actor died or is restarting (%s); re-running its batch (attempt %d/%d)",
-                            what, type(err).__name__, attempt + 1, ACTOR_RETRIES)
+                log.warning("%s actor died, is restarting or lost its weights (%s); re-running its batch "
+                            "(attempt %d/%d)", what, type(err).__name__, attempt + 1, ACTOR_RETRIES)
                 time.sleep(2.0 * (attempt + 1))
 
     # ---- one iteration -------------------------------------------------------------------------------
@@ -207,7 +224,7 @@ class Trainer:
         cfg = self.cfg
         started = time.perf_counter()
         batch = self.prompts.groups(step, cfg.train.prompts_per_step, cfg.train.group_size)   # prompts + group ids
-        shards = batch.shard(len(self.learners))                      # whole groups, shard r for learner r
+        shards = batch.shard(len(self.learners))                       # whole groups, shard r for learner r
         rollouts = self.take_rollouts(step, shards)                   # per-shard seeds, workers in parallel
         metrics = {"time/rollout": time.perf_counter() - started}
         scores = self.score(rollouts.images, batch.prompts) if self.scored else {}            # {name: Tensor[B]}
@@ -226,16 +243,25 @@ class Trainer:
         prefetched, self._prefetched = self._prefetched, None
         rollouts = prefetched if prefetched is not None and prefetched.step == step else self._draw(step, shards)
         for worker, ref in self._pending_syncs:  # surfaces a failed weight sync; the rollouts above already ran
-            worker.fetch(ref)
+            try:
+                worker.fetch(ref)
+            except Exception as err:  # noqa: BLE001 - a worker that died since is re-synced by its next rollout
+                if not _is_actor_death(err):
+                    raise
         self._pending_syncs = []
         return rollouts
+
+    def _shards(self, step: int) -> list[PromptBatch]:
+        train = self.cfg.train
+        return self.prompts.groups(step, train.prompts_per_step, train.group_size).shard(len(self.learners))
 
     def _draw(self, step: int, shards: list[PromptBatch]) -> Rollouts:
         """Issue every shard's rollout at once (learner r draws shard r when colocated; rollout workers take the
         shards round-robin when disaggregated), then wait for all of them."""
         actors = self.learners if self.placement == "colocated" else [
             self.rollout_workers[index % len(self.rollout_workers)] for index in range(len(shards))]
-        calls = [lambda a=actor, i=index, s=shard: a.call("rollout", step, s, i, self.scored, num_returns=2)
+        version = self.updates_done if self.placement == "colocated" else self.weights_version
+        calls = [lambda a=actor, i=index, s=shard: a.call("rollout", step, s, i, self.scored, version, num_returns=2)
                  for index, (actor, shard) in enumerate(zip(actors, shards))]
         issued = [call() for call in calls]
         outputs = []
@@ -244,12 +270,11 @@ class Trainer:
                 if self.backend == "ray":
                     actor.fetch(refs[1])
                 outputs.append(refs)
-            except Exception as err:  # noqa: BLE001 - a dead rollout actor is restarted; re-run its shard
-                if not _is_actor_death(err) or actor in self.learners:
+            except Exception as err:  # noqa: BLE001 - a dead or emptied rollout worker is re-synced; re-run its shard
+                if not _is_rerunnable(err) or actor in self.learners:
                     raise
                 outputs.append(self._with_restarts(actor, "rollout", call, on_restart=self._resync(actor)))
         images = [actor.fetch(refs[1]) for actor, refs in zip(actors, outputs)] if self.scored else None
-        version = self.updates_done if self.placement == "colocated" else self.weights_version
         return Rollouts(step, [refs[0] for refs in outputs], np.concatenate(images) if images else None, version)
 
     def _resync(self, worker: _Actor):
@@ -296,8 +321,7 @@ class Trainer:
                 None if advantages is None else advantages.valid[part].numpy()))
         if self.cfg.runtime.max_staleness > 0 and step + 1 < self.cfg.train.steps:
             # Overlap: the next step's rollout runs on the current weights while the learners update.
-            following = self.prompts.groups(step + 1, self.cfg.train.prompts_per_step, self.cfg.train.group_size)
-            self._prefetched = self._draw(step + 1, following.shard(len(self.learners)))
+            self._prefetched = self._draw(step + 1, self._shards(step + 1))
         results = [learner.fetch(ref) for learner, ref in zip(self.learners, refs)]
         self.updates_done = step + 1
         return results
@@ -306,6 +330,9 @@ class Trainer:
     def checkpoint(self, step: int) -> None:
         lead = self.learners[0]
         tensors, state = lead.fetch(lead.call("checkpoint_state"))
+        if self.cfg.runtime.max_staleness > 0 and self.previous_weights is not None:
+            # The next step's rollout is (or would be) drawn one update stale: keep the weights it is drawn with.
+            tensors[STALE_ROLLOUT_WEIGHTS] = lead.fetch(self.previous_weights)
         self.run_dir.save_checkpoint(step, tensors, state, keep=self.cfg.train.keep_checkpoints)
 
     def log_samples(self, logger, step: int) -> None:

@@ -12,7 +12,10 @@ ROLLOUT_STREAM, METHOD_SHARED_STREAM, PROMPT_STREAM, SAMPLES_STREAM, METHOD_RANK
 
 
 def step_seed(seed: int, step: int, stream: int, *more: int) -> int:
-    """Independent, reproducible seeds per (run seed, step, stream, extra keys such as the shard or the rank)."""
+    """Independent, reproducible seeds per (run seed, step, stream, extra keys such as the shard or the rank).
+
+    SeedSequence ignores trailing zeros ([s, t, k, 0] seeds like [s, t, k]), so a stream must either always or
+    never take extra keys: then no two streams collide."""
     return int(np.random.SeedSequence([seed, step, stream, *more]).generate_state(1)[0])
 
 

@@ -27,6 +27,16 @@ from rlfew.sampling import Deterministic, Trajectory, sample
 log = logging.getLogger(__name__)
 
 
+class StaleRolloutWeights(RuntimeError):
+    """A rollout actor holds other generator weights than the driver expects (e.g. Ray restarted it empty); the
+    driver re-syncs it and re-runs the shard."""
+
+
+def _check_weights(held: int, expected: int) -> None:
+    if held != expected:
+        raise StaleRolloutWeights(f"rollout actor holds generator weights version {held}, expected {expected}")
+
+
 def _pin_threads() -> None:
     # Actors share a few cores; one intra-op thread each avoids oversubscription (see OFFLINE.md).
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -98,7 +108,8 @@ class Learner:
         self.generator = self.method.roles["generator"]
         self.weights_version = 0  # updates applied to the generator (a resumed run starts at its checkpoint's)
 
-    def rollout(self, step: int, shard: PromptBatch, shard_index: int, decode: bool):
+    def rollout(self, step: int, shard: PromptBatch, shard_index: int, decode: bool, weights_version: int):
+        _check_weights(self.weights_version, weights_version)
         return draw_rollout(self.generator, self.cfg, self.spec.rollout(step), step, shard, shard_index, decode,
                             self.weights_version)
 
@@ -114,8 +125,9 @@ class Learner:
 
     # ---- weights and state -----------------------------------------------------------------------------
     def generator_state(self) -> dict[str, torch.Tensor]:
-        """What rollout workers need to mirror the generator (LoRA weights only when LoRA)."""
-        return {k: v.detach().cpu() for k, v in self.generator.trainable_state_dict().items()}
+        """What rollout workers need to mirror the generator (LoRA weights only when LoRA): a copy, which the driver
+        may keep while training goes on (an in-process learner would otherwise hand out its live tensors)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.generator.trainable_state_dict().items()}
 
     def checkpoint_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         state = self.method.state_dict()
@@ -163,7 +175,8 @@ class RolloutWorker:
         self.weights_version = version
         return version
 
-    def rollout(self, step: int, shard: PromptBatch, shard_index: int, decode: bool):
+    def rollout(self, step: int, shard: PromptBatch, shard_index: int, decode: bool, weights_version: int):
+        _check_weights(self.weights_version, weights_version)
         return draw_rollout(self.generator, self.cfg, self.spec.rollout(step), step, shard, shard_index, decode,
                             self.weights_version)
 
