@@ -1,10 +1,10 @@
 """A local two-node Ray cluster (`ray start --head` + `ray start --address`) runs `rlfew train` submitted with
 `ray job submit`; the job must succeed and leave its run directory.
 
-The machine may run other Ray instances (a user's training job), and this test must never touch them: no `ray stop`
-(it stops every Ray process on the machine), a private RAY_TMPDIR and explicit ports for each instance it starts,
-and a teardown that signals only that instance's own processes. An independent bystander instance proves it by
-surviving the cluster's teardown."""
+The machine may run other Ray instances (a user's training job), and this test must never touch them: never Ray's
+own stop command (it stops every Ray process on the machine), a private RAY_TMPDIR and explicit ports for each
+instance it starts, and a teardown that signals only that instance's own processes. An independent bystander
+instance proves it by surviving the cluster's teardown."""
 
 import contextlib
 import http.client

@@ -108,10 +108,12 @@ def test_each_call_selects_its_adapter_and_restores_the_previous_selection(tiny_
     """M6: after a role's call the shared network is back to what it was, so a direct `net(...)` call is the base
     network; the old `Role.active` left the last role's adapter switched on."""
     roles = build_roles(tiny_pipeline_dir("sd3"), dmd_table(4, 4))
-    generator, teacher = roles["generator"], roles["teacher"]
+    generator, teacher, critic = roles["generator"], roles["teacher"], roles["critic"]
     with torch.no_grad():
         for param in generator.trainable_parameters():
             param.add_(0.3)
+        for param in critic.trainable_parameters():
+            param.add_(-0.2)
     adapter = roles.adapter
     x = torch.randn(1, *adapter.latent_shape(adapter.default_resolution), generator=torch.Generator().manual_seed(0))
     cond = adapter.encode_prompts(["a red circle"])
@@ -121,9 +123,11 @@ def test_each_call_selects_its_adapter_and_restores_the_previous_selection(tiny_
         assert not torch.allclose(base, with_lora)
         direct = adapter.predict(generator.net, x, 0.5, cond).x0  # no role: whatever the network is left at
         torch.testing.assert_close(direct, base, rtol=0, atol=0)
+        critic_x0 = critic.predict(x, 0.5, cond).x0
+        assert not torch.allclose(critic_x0, with_lora) and not torch.allclose(critic_x0, base)
         with generator.selected():
-            with roles["critic"].selected():  # nested selections unwind in order
-                pass
+            with critic.selected():  # nested selections unwind in order
+                torch.testing.assert_close(adapter.predict(generator.net, x, 0.5, cond).x0, critic_x0, rtol=0, atol=0)
             torch.testing.assert_close(adapter.predict(generator.net, x, 0.5, cond).x0, with_lora, rtol=0, atol=0)
         torch.testing.assert_close(adapter.predict(generator.net, x, 0.5, cond).x0, base, rtol=0, atol=0)
 
