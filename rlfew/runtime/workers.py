@@ -50,7 +50,7 @@ def draw_rollout(generator: Role, cfg: TrainConfig, spec: RolloutSpec, step: int
     rng = seeded_generator(adapter.device, step_seed(cfg.run.seed, step, ROLLOUT_STREAM, shard_index))
     resolution = cfg.model.resolution or adapter.default_resolution
     shape = adapter.latent_shape(resolution)
-    group_ids = torch.from_numpy(shard.group_ids)
+    group_ids = torch.tensor(shard.group_ids)  # a copy: arrays from Ray's object store are read-only
     if spec.shared_noise_in_group:
         _, group_index = torch.unique(group_ids, return_inverse=True)
         noise = torch.randn((int(group_index.max()) + 1, *shape), generator=rng, device=rng.device)[group_index]
