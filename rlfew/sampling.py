@@ -35,14 +35,24 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
 
 
 class Sampler(abc.ABC):
-    """A transition kernel: `mean_std` gives N(μ, Σ²) of x' given the prediction at (x, σ)."""
+    """A transition kernel: `mean_std` gives N(μ, Σ²) of x' given the prediction at (x, σ). Σ depends on the σ
+    grid alone (`std`), so a schedule can weight steps by their noise before any rollout (TempFlow-GRPO)."""
 
     name = ""
 
     @abc.abstractmethod
+    def std(self, sigma: float, sigma_next: float) -> float:
+        """Σ of the transition σ → σ_next (0 for a deterministic one)."""
+
+    @abc.abstractmethod
+    def mean(self, prediction: Prediction, x: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+        """μ of the transition σ → σ_next."""
+
     def mean_std(self, prediction: Prediction, x: torch.Tensor, sigma: float,
                  sigma_next: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and (scalar) std of the Gaussian transition to σ_next."""
+        std = self.std(sigma, sigma_next)
+        return self.mean(prediction, x, sigma, sigma_next), torch.tensor(std if std > 1e-12 else 0.0, dtype=x.dtype)
 
     def for_grid(self, sigmas: torch.Tensor) -> "Sampler":
         """The kernel configured for a σ grid (Flow-GRPO's SDE needs the grid's second value)."""
@@ -64,8 +74,11 @@ class Deterministic(Sampler):
 
     name = "deterministic"
 
-    def mean_std(self, prediction, x, sigma, sigma_next):
-        return x + (sigma_next - sigma) * prediction.velocity, torch.tensor(0.0, dtype=x.dtype)
+    def std(self, sigma, sigma_next):
+        return 0.0
+
+    def mean(self, prediction, x, sigma, sigma_next):
+        return x + (sigma_next - sigma) * prediction.velocity
 
 
 class CPS(Sampler):
@@ -81,11 +94,11 @@ class CPS(Sampler):
             raise UsageError(f"cps eta must be in [0, 1], got {eta}")
         self.eta = eta
 
-    def mean_std(self, prediction, x, sigma, sigma_next):
-        angle = self.eta * math.pi / 2
-        mean = (1 - sigma_next) * prediction.x0 + sigma_next * math.cos(angle) * prediction.eps
-        std = sigma_next * math.sin(angle)
-        return mean, torch.tensor(std if std > 1e-12 else 0.0, dtype=x.dtype)
+    def std(self, sigma, sigma_next):
+        return sigma_next * math.sin(self.eta * math.pi / 2)
+
+    def mean(self, prediction, x, sigma, sigma_next):
+        return (1 - sigma_next) * prediction.x0 + sigma_next * math.cos(self.eta * math.pi / 2) * prediction.eps
 
 
 class FlowGRPOSDE(Sampler):
@@ -105,15 +118,19 @@ class FlowGRPOSDE(Sampler):
     def for_grid(self, sigmas):
         return FlowGRPOSDE(self.noise_level, float(sigmas[1]))
 
-    def mean_std(self, prediction, x, sigma, sigma_next):
-        delta = sigma_next - sigma
+    def diffusion(self, sigma: float) -> float:
+        """s_σ = a·√(σ/(1−σ)), σ = 1 replaced by σ_1 in the denominator."""
         if sigma >= 1.0 and self.sigma_cap is None:
             raise UsageError("flow_grpo at σ = 1 needs the grid's σ_1: use the kernel returned by for_grid(sigmas)")
         denominator_sigma = self.sigma_cap if sigma >= 1.0 else sigma
-        diffusion = self.noise_level * math.sqrt(sigma / (1 - denominator_sigma))
-        v = prediction.velocity
-        mean = x + (v + diffusion**2 / (2 * sigma) * (x + (1 - sigma) * v)) * delta
-        return mean, torch.tensor(diffusion * math.sqrt(-delta), dtype=x.dtype)
+        return self.noise_level * math.sqrt(sigma / (1 - denominator_sigma))
+
+    def std(self, sigma, sigma_next):
+        return self.diffusion(sigma) * math.sqrt(sigma - sigma_next)
+
+    def mean(self, prediction, x, sigma, sigma_next):
+        diffusion, v = self.diffusion(sigma), prediction.velocity
+        return x + (v + diffusion**2 / (2 * sigma) * (x + (1 - sigma) * v)) * (sigma_next - sigma)
 
 
 class DanceGRPOSDE(Sampler):
@@ -127,11 +144,12 @@ class DanceGRPOSDE(Sampler):
             raise UsageError(f"dance_grpo eta must be >= 0, got {eta}")
         self.eta = eta
 
-    def mean_std(self, prediction, x, sigma, sigma_next):
-        delta = sigma_next - sigma
+    def std(self, sigma, sigma_next):
+        return self.eta * math.sqrt(sigma - sigma_next)
+
+    def mean(self, prediction, x, sigma, sigma_next):
         score = -(x - (1 - sigma) * prediction.x0) / sigma**2
-        mean = x + delta * (prediction.velocity - 0.5 * self.eta**2 * score)
-        return mean, torch.tensor(self.eta * math.sqrt(-delta), dtype=x.dtype)
+        return x + (sigma_next - sigma) * (prediction.velocity - 0.5 * self.eta**2 * score)
 
 
 SAMPLERS = {cls.name: cls for cls in (Deterministic, CPS, FlowGRPOSDE, DanceGRPOSDE)}
@@ -214,21 +232,24 @@ def sample(model, cond: Conditioning, sigmas: torch.Tensor, sampler: Sampler, *,
     deterministic = Deterministic()
     chosen = set(range(steps)) if stochastic_steps is None else set(stochastic_steps)
     # The state is integrated in float64 (networks still run in their own dtype) so that algebraically equal
-    # kernels (CPS at η=0 and Euler) agree to 1e-6 over a whole rollout.
-    x = adapter.prior_sample(noise.double())
+    # kernels (CPS at η=0 and Euler) agree to 1e-6 over a whole rollout; each state is rounded to the float32 the
+    # trajectory stores *before* it is used, and log π is taken at the rounded state, so a log-prob recomputed in
+    # training from the stored states equals the rollout's exactly (PPO's ratio is 1 on the first inner step).
+    x = adapter.prior_sample(noise.double()).float().double()
     states, x0_preds, means, stds, log_probs, stochastic = [x], [], [], [], [], []
     for k in range(steps):
         sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])
         prediction = model.predict(x, sigma, cond, guidance=guidance, uncond=uncond)
         step_kernel = kernel if k in chosen else deterministic
         out = step_kernel.step(prediction, x, sigma, sigma_next, generator=generator)
-        x = out.x_next
+        x = out.x_next.float().double()
         states.append(x)
         x0_preds.append(prediction.x0)
         means.append(out.mean)
         stds.append(out.std.reshape(()))
         stochastic.append(out.log_prob is not None)
-        log_probs.append(out.log_prob if out.log_prob is not None else torch.full((batch,), float("nan")))
+        log_probs.append(gaussian_log_prob(x, out.mean, out.std) if out.log_prob is not None
+                         else torch.full((batch,), float("nan")))
     trajectory = Trajectory(
         prompts=list(prompts),
         group_ids=torch.arange(batch) if group_ids is None else torch.as_tensor(group_ids, dtype=torch.long),
@@ -245,3 +266,18 @@ def sample(model, cond: Conditioning, sigmas: torch.Tensor, sampler: Sampler, *,
     if decode:
         trajectory.images = adapter.decode(trajectory.final_latents)
     return trajectory
+
+
+def step_log_prob(model, trajectory: Trajectory, k: int, cond: Conditioning, rows: slice = slice(None),
+                  guidance: float = 1.0) -> tuple[Prediction, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recompute step k of a rollout for `rows` under the caller's grad mode: the model's prediction at the stored
+    state x_k, the kernel's (μ, Σ) and log π(x_{k+1} | x_k) (mean over dims, float32 like `log_probs`). Equal to the
+    rollout's own log π when the model has not changed (the states are stored as they were used)."""
+    if not bool(trajectory.stochastic[k]):
+        raise ValueError(f"step {k} of this rollout was deterministic: it has no log-probability")
+    sigma, sigma_next = float(trajectory.sigmas[k]), float(trajectory.sigmas[k + 1])
+    x = trajectory.states[rows, k].double()
+    prediction = model.predict(x, sigma, cond, guidance=guidance)
+    mean, std = trajectory.kernel.mean_std(prediction, x, sigma, sigma_next)
+    log_prob = gaussian_log_prob(trajectory.states[rows, k + 1].double(), mean, std).float()
+    return prediction, mean, std, log_prob

@@ -30,3 +30,22 @@ def test_runtime_bench_times_every_placement(tiny_pipeline_dir, tmp_path):
                             "ray_disaggregated_staleness1"}
     assert results["inprocess"]["step_time_ratio_vs_inprocess"] == 1.0
     assert all(r["median_step_seconds"] > 0 and r["startup_and_first_step_seconds"] > 0 for r in results.values())
+
+
+def test_grpo_bench_reports_images_per_second_and_efficiency(tmp_path):
+    """The world GRPO recipe, in-process: the iteration and the model calls alone are timed, efficiency is their
+    ratio (no number asserted: the target lives in the README's bench table)."""
+    out = tmp_path / "grpo.json"
+    assert main(["bench", "grpo", "--modes", "inprocess", "--steps", "1", "--prompts-per-step", "2", "--group-size",
+                 "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["model_calls_alone_seconds"]) == {"rollout", "reward", "update"}
+    result = report["results"]["inprocess"]
+    calls = sum(report["model_calls_alone_seconds"].values())
+    assert result["efficiency"] == pytest.approx(calls / result["median_iteration_seconds"])
+    assert result["images_per_second"] == pytest.approx(4 / result["median_iteration_seconds"])
+
+
+def test_grpo_bench_refuses_an_unknown_mode(capsys):
+    assert main(["bench", "grpo", "--modes", "inprocess,gpu-cluster"]) == 2
+    assert "--modes: 'gpu-cluster'" in capsys.readouterr().err

@@ -13,7 +13,8 @@ import torch
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks that write JSON (sampling, runtime, rewards)")
+    parser = subparsers.add_parser("bench", help="benchmarks that write JSON (sampling, runtime, dmd, grpo, "
+                                                 "rewards)")
     bench = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
 
     sampling = bench.add_parser("sampling", help="seconds per image of few-step sampling",
@@ -57,6 +58,18 @@ def register_cli(subparsers) -> None:
     dmd.add_argument("--device", default="auto")
     dmd.add_argument("--out", default="bench_dmd.json")
     dmd.set_defaults(func=run_dmd_bench)
+
+    grpo = bench.add_parser("grpo", help="GRPO iterations (rollout + scoring + update): images/s and efficiency, the "
+                            "time of the iteration's model calls timed alone over the iteration's time",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    grpo.add_argument("--recipe", default="configs/world/grpo.yaml", help="a GRPO recipe")
+    grpo.add_argument("--modes", default="inprocess,ray", help="comma-separated: inprocess, ray (colocated)")
+    grpo.add_argument("--steps", type=int, default=5, help="timed iterations per mode (after 1 warm-up)")
+    grpo.add_argument("--prompts-per-step", type=int, default=8)
+    grpo.add_argument("--group-size", type=int, default=8)
+    grpo.add_argument("--out", default="bench_grpo.json")
+    grpo.add_argument("overrides", nargs="*", help="config overrides key=value, as for rlfew train")
+    grpo.set_defaults(func=run_grpo_bench)
 
     rewards = bench.add_parser("rewards", help="reward scoring throughput",
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -219,6 +232,95 @@ def run_dmd_bench(args) -> int:
         if device.startswith("cuda"):
             report["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return _write(args.out, {**report, "environment": _environment(device)})
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def run_grpo_bench(args) -> int:
+    """A GRPO recipe's iteration timed whole in each runtime mode (median of `--steps` after one warm-up), and the
+    model calls it needs timed alone in this process on the same batch sizes: the rollout with its decode, the reward,
+    and the method's update (forward/backward passes and optimiser steps). efficiency = (rollout + reward + update
+    alone) / iteration: 1 means the runtime adds nothing around the model calls."""
+    import numpy as np
+
+    from rlfew.algos.advantages import group_advantages
+    from rlfew.config import load_config
+    from rlfew.method import build_method
+    from rlfew.rewards import load as load_reward
+    from rlfew.runtime.driver import Trainer
+    from rlfew.runtime.prompts import PromptSource
+    from rlfew.runtime.workers import attach_scores, draw_rollout, learner_batch
+
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = sorted(set(modes) - {"inprocess", "ray"})
+    if unknown:
+        from rlfew.errors import UsageError
+
+        raise UsageError(f"--modes: {unknown[0]!r} is not a mode; choose from inprocess, ray")
+    sizes = [f"train.prompts_per_step={args.prompts_per_step}", f"train.group_size={args.group_size}",
+             f"train.steps={args.steps + 1}", "train.sample_every=0", f"train.save_every={10**9}",
+             "train.log_every=1", "runtime.placement=colocated", *args.overrides]
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for mode in modes:
+            cfg = load_config(args.recipe, [*sizes, f"runtime.backend={mode}", f"run.output_dir={scratch}/runs",
+                                            f"run.name={mode}"])
+            trainer = Trainer(cfg)
+            trainer.start()
+            step_times = []
+            for step in range(args.steps + 1):
+                started = time.perf_counter()
+                trainer.iteration(step)
+                step_times.append(time.perf_counter() - started)
+            trainer.shutdown()
+            if mode == "ray":
+                import ray
+
+                ray.shutdown()
+            results[mode] = {"median_iteration_seconds": _median(step_times[1:])}
+
+        cfg = load_config(args.recipe, [*sizes, "runtime.backend=inprocess", f"run.output_dir={scratch}/runs",
+                                        "run.name=alone"])
+        method = build_method(cfg)
+        reward = load_reward(cfg.reward)
+        weights = {entry.name: entry.weight for entry in cfg.reward}
+        spec, generator, source = type(method).spec(cfg, method.options), method.roles["generator"], PromptSource(
+            cfg.train.prompts, cfg.run.seed)
+        alone: dict[str, list[float]] = {"rollout": [], "reward": [], "update": []}
+        for step in range(args.steps + 1):
+            shard = source.groups(step, cfg.train.prompts_per_step, cfg.train.group_size)
+            started = time.perf_counter()
+            trajectory, images = draw_rollout(generator, cfg, spec.rollout(step), step, shard, 0, True, step)
+            rolled = time.perf_counter()
+            tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+            with torch.no_grad():
+                scores = reward.score_each(tensor, shard.prompts) if hasattr(reward, "score_each") else {
+                    reward.name: reward.score(tensor, shard.prompts)}
+            scored = time.perf_counter()
+            scores = {name: value.double() for name, value in scores.items()}
+            advantages = group_advantages(scores, weights, torch.from_numpy(shard.group_ids), spec.advantages)
+            attach_scores(trajectory, {n: v.numpy() for n, v in scores.items()},
+                          sum(weights[n] * v for n, v in scores.items()).numpy(), advantages.values.numpy(),
+                          advantages.valid.numpy())
+            batch = learner_batch(cfg, generator, step, trajectory, 0)
+            updating = time.perf_counter()
+            method.train_step(batch)
+            finished = time.perf_counter()
+            if step:  # the first is the warm-up
+                for key, seconds in (("rollout", rolled - started), ("reward", scored - rolled),
+                                     ("update", finished - updating)):
+                    alone[key].append(seconds)
+    model_calls = {key: _median(values) for key, values in alone.items()}
+    images = args.prompts_per_step * args.group_size
+    for mode, result in results.items():
+        result["images_per_second"] = images / result["median_iteration_seconds"]
+        result["efficiency"] = sum(model_calls.values()) / result["median_iteration_seconds"]
+    return _write(args.out, {"bench": "grpo", "recipe": args.recipe, "overrides": args.overrides,
+                             "images_per_iteration": images, "timed_steps": args.steps,
+                             "model_calls_alone_seconds": model_calls, "results": results,
+                             "environment": _environment()})
 
 
 def run_rewards_bench(args) -> int:

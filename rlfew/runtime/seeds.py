@@ -7,8 +7,9 @@ import numpy as np
 import torch
 
 # ROLLOUT: initial and kernel noise, per shard. METHOD_SHARED: a learner's choices that every rank must make
-# alike (the backward-simulation step k). METHOD_RANK: a learner's own noise levels and noise, per rank.
-ROLLOUT_STREAM, METHOD_SHARED_STREAM, PROMPT_STREAM, SAMPLES_STREAM, METHOD_RANK_STREAM = range(5)
+# alike (the backward-simulation step k). METHOD_RANK: a learner's own noise levels and noise, per rank. WINDOW: a
+# method's per-iteration choice that rollout actors must make alike without a learner (GRPO's random SDE window).
+ROLLOUT_STREAM, METHOD_SHARED_STREAM, PROMPT_STREAM, SAMPLES_STREAM, METHOD_RANK_STREAM, WINDOW_STREAM = range(6)
 
 
 def step_seed(seed: int, step: int, stream: int, *more: int) -> int:
