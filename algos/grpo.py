@@ -86,7 +86,7 @@ class GRPOOptions:
     reg: Literal["dmd", "kl", "none"] = "dmd"
     reg_weight: float = 1.0  # λ_DMD for dmd, β for kl
     real_guidance: float | None = None  # CFG of the real score (reg dmd); None: teacher.guidance
-    critic_turns: int = 1  # N: critic updates per rollout (reg dmd)
+    critic_turns: int = 5  # N: critic updates per rollout (reg dmd; DMD2's TTUR 5)
     dm_sigma_range: list[float] = field(default_factory=lambda: [0.02, 0.98])  # DM re-noising fractions (§5.7)
     critic_sigma_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     normalise: bool = True  # DMD's per-sample normaliser mean|x − x̂0_real|

@@ -22,8 +22,9 @@ evaluate() {  # evaluate MODEL_ARGS... -> $out/<name>.json and $out/<name>.drawn
   "$rlfew" eval "$@" --steps 4 --prompts "$drawn" --out "$out/$name.drawn.json"
 }
 
-train() {  # train NAME RECIPE OVERRIDES... ; records the wall time of the training run
+train() {  # train NAME RECIPE OVERRIDES... ; records the wall time of the training run (skipped once evaluated)
   local name=$1 recipe=$2; shift 2
+  [[ -f "$out/$name.drawn.json" ]] && return 0
   local start=$SECONDS
   "$rlfew" train "$recipe" runtime.backend=inprocess "run.output_dir=$out" "run.name=$name" \
     "train.steps=$iterations" "train.save_every=$iterations" train.sample_every=0 "$@" > "$out/$name.log" 2>&1

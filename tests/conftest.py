@@ -37,3 +37,15 @@ def tiny_config(tiny_pipeline_dir, tmp_path):
                                   f"run.output_dir={tmp_path / 'runs'}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def ray_with_tests_importable():
+    """A local Ray whose workers can import the test modules (methods and rewards travel by `module:attr` paths)."""
+    from pathlib import Path
+
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent)}})
+    yield ray
+    ray.shutdown()

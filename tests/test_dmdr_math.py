@@ -240,11 +240,13 @@ def test_after_the_cold_start_the_reward_path_is_in_the_gradient(tiny_config, tm
         return float(loss)
 
     # Slope at 0 of a least-squares cubic through 11 losses on [−0.1, 0.1]: wide enough that the float32 rounding
-    # of the decoded images and scores is small against the loss differences (seen on [−0.01, 0.01]: 0.6% off;
-    # on ±0.1 and ±0.3 the slopes agree to 2e-6, so the cubic absorbs the curvature).
+    # of the decoded images and scores is small against the loss differences (seen on [−0.01, 0.01]: 0.6% off).
+    # What is left of that rounding moves the fitted slope by up to ~6e-4 relative between equally valid inputs
+    # (rollout states rounded to float32 or not; ±0.1 vs ±0.3), hence rel 1e-3: a gradient missing the reward
+    # path is 76% off, one missing the DMD path 24%.
     offsets = np.linspace(-0.1, 0.1, 11)
     finite_difference = float(np.polyfit(offsets, [loss_at(float(t)) for t in offsets], 3)[-2])
     print(f"directional derivative: autograd {total:.9g}, finite difference {finite_difference:.9g}, "
           f"DMD part {dmd_only:.9g}")
-    assert total == pytest.approx(finite_difference, rel=1e-4)
+    assert total == pytest.approx(finite_difference, rel=1e-3)
     assert abs(total - dmd_only) > 0.1 * abs(total)  # the reward path carries a sizeable share

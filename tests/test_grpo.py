@@ -24,7 +24,6 @@ from rlfew.sampling import CPS
 from rlfew.testing import TINY_FAMILIES, rollout_batch
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 PROMPTS = ["a red circle", "two blue squares"]
 
 
@@ -277,15 +276,6 @@ def test_real_model_recipe_trains_on_a_tiny_pipeline_of_its_family(recipe, famil
 def mean_red(images, prompts):
     """A reward plug-in that is a plain function: the mean red channel."""
     return images[:, 0].flatten(1).mean(1)
-
-
-@pytest.fixture
-def ray_with_tests_importable():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}})
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.ray

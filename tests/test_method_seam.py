@@ -31,7 +31,6 @@ from rlfew.sampling import CPS
 from rlfew.testing import rollout_batch
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "a purple square"]
-TESTS = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -173,16 +172,6 @@ def test_a_method_by_module_path_and_staleness_it_does_not_accept(probe_run):
 
 
 # ------------------------------------------------------------------------------------------- Ray, 2 learners
-
-@pytest.fixture(scope="module")
-def ray_with_tests_importable():
-    """A local Ray whose workers can import this module (the method travels by its `module:Class` path)."""
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}})
-    yield ray
-    ray.shutdown()
-
 
 @pytest.mark.ray
 def test_two_learners_see_whole_groups_and_batch_wide_advantages(probe_run, tmp_path, ray_with_tests_importable):

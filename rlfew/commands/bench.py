@@ -243,8 +243,6 @@ def run_grpo_bench(args) -> int:
     model calls it needs timed alone in this process on the same batch sizes: the rollout with its decode, the reward,
     and the method's update (forward/backward passes and optimiser steps). efficiency = (rollout + reward + update
     alone) / iteration: 1 means the runtime adds nothing around the model calls."""
-    import numpy as np
-
     from rlfew.algos.advantages import group_advantages
     from rlfew.config import load_config
     from rlfew.method import build_method
