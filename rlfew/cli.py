@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("rlfew.commands.sample", "few-step sampling into a captioned PNG grid"),
     "export": ("rlfew.commands.export", "export a checkpoint's generator to diffusers"),
     "eval": ("rlfew.commands.eval", "evaluate a generator on world:eval (accuracy, fd, diversity)"),
-    "bench": ("rlfew.commands.bench", "benchmarks that write JSON (sampling, runtime, rewards)"),
+    "bench": ("rlfew.commands.bench", "benchmarks that write JSON (sampling, runtime, dmd, grpo, rewards)"),
     "world": ("rlfew.world.commands", "the embedded offline world: render, train its models"),
     "rewards": ("rlfew.rewards.commands", "list rewards, score a folder of images"),
 }
