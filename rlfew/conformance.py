@@ -25,7 +25,7 @@ KIT_KERNELS = ("cps", "flow_grpo", "dance_grpo")
 
 
 class ConformanceError(AssertionError):
-    pass
+    """A family fails a check; an AssertionError, so a test that calls the kit fails with its message."""
 
 
 def _rollout(generator, prompts: list[str], steps: int, sampler, noise: torch.Tensor, seed: int,
