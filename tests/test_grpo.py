@@ -279,21 +279,21 @@ def mean_red(images, prompts):
 
 
 @pytest.mark.ray
-def test_grpo_trains_through_ray_with_two_learners_and_a_plain_function_reward(tiny_pipeline_dir, tmp_path,
-                                                                               ray_with_tests_importable):
-    """`rlfew train --algo grpo` through Ray, 2 learners, 4 groups of 2 (whole on each learner), reg dmd, a reward
-    that is a plain Python function: every update is applied, on-policy in its first epoch (ρ = 1 exactly after
-    the trajectory travelled through the object store), with the DM term and the plug-in's reward logged."""
+@pytest.mark.parametrize("reward", ["world", "test_grpo:mean_red"])
+def test_grpo_trains_through_ray_with_two_learners(reward, tiny_pipeline_dir, tmp_path, ray_with_tests_importable):
+    """`rlfew train --algo grpo` through Ray, 2 learners, 4 groups of 2 (whole on each learner), reg dmd, with the
+    world's exact evaluator and with a reward that is a plain Python function: every update is applied, on-policy
+    in its first epoch (ρ = 1 exactly after the trajectory travelled through the object store), with the DM term
+    and the reward logged."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(["a red circle", "two blue squares", "a green triangle", "a purple square"]) + "\n")
-    code = main(["train", f"model.source={tiny_pipeline_dir('sd3')}", "--algo", "grpo", "--reward",
-                 "test_grpo:mean_red", "generator.steps=2", "train.group_size=2", "train.prompts_per_step=4",
+    prompts.write_text("\n".join(["a red circle", "two squares", "a green triangle", "a purple square"]) + "\n")
+    code = main(["train", f"model.source={tiny_pipeline_dir('sd3')}", "--algo", "grpo", "--reward", reward,
+                 "generator.steps=2", "train.group_size=2", "train.prompts_per_step=4",
                  "train.steps=3", "train.lr=1e-3", "train.log_every=1", "train.sample_every=0", "train.save_every=3",
                  f"train.prompts={prompts}", f"eval.prompts={prompts}", "runtime.backend=ray", "runtime.num_learners=2",
                  "algo.options={clip_range: 0.2}", f"run.output_dir={tmp_path}", "run.name=grpo"])
     assert code == 0
     records = read_metrics(tmp_path / "grpo")
     assert len(records) == 3 and all(r["updated/generator"] == 1.0 for r in records)
-    assert all(r["loss/dmd"] > 0 and r["ppo/log_ratio_abs"] == 0.0 and "reward/test_grpo:mean_red" in r
-               for r in records)
+    assert all(r["loss/dmd"] > 0 and r["ppo/log_ratio_abs"] == 0.0 and f"reward/{reward}" in r for r in records)
     assert (tmp_path / "grpo" / "checkpoints" / "step_3").is_dir()
