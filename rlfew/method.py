@@ -261,7 +261,8 @@ def resolve_method(cfg: TrainConfig) -> ResolvedMethod:
         raise ConfigError(f"reward: method {cfg.algo.name!r} trains on rewards; give one, e.g. --reward world")
     if spec.advantages is not None and cfg.train.group_size < 2:
         raise ConfigError(f"train.group_size: method {cfg.algo.name!r} normalises rewards within a prompt's group, "
-                          f"which needs at least 2 images per prompt, got {cfg.train.group_size}")
+                          f"which needs at least 2 images per prompt, got {cfg.train.group_size}; set e.g. "
+                          f"train.group_size=8")
     if cfg.runtime.max_staleness > spec.max_staleness:
         raise ConfigError(f"runtime.max_staleness: method {cfg.algo.name!r} accepts rollouts at most "
                           f"{spec.max_staleness} update(s) stale, got {cfg.runtime.max_staleness}")
