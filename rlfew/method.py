@@ -202,7 +202,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def get_method(name: str) -> type[Method]:
-    """A method by its registered name (algos/<name>.py is imported on first use), or by a `package.module:Class`
+    """A method by its registered name (algos/<name>.py is imported on first use, then every algos module), or by a `package.module:Class`
     path to a Method subclass in the user's own code (importable wherever learners run)."""
     if name not in METHODS and ":" in name:
         module_name, _, attr = name.partition(":")
@@ -219,8 +219,9 @@ def get_method(name: str) -> type[Method]:
         except ModuleNotFoundError as err:
             if err.name != f"rlfew.algos.{name}":
                 raise
+    allowed = available_methods()  # a module may register several methods (algos/tdm_r1.py: tdm_r1 and tdm)
     if name not in METHODS:
-        raise ConfigError(f"algo.name: unknown method {name!r}; allowed: {', '.join(available_methods())}")
+        raise ConfigError(f"algo.name: unknown method {name!r}; allowed: {', '.join(allowed)}")
     return METHODS[name]
 
 

@@ -10,6 +10,7 @@ behind the real role and adapter protocol, for tests of a method against closed 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -226,10 +227,56 @@ class VectorFlowAdapter(FlowAdapter):
         return latents.reshape(len(latents), 3, 1, -1)
 
 
-def vector_roles(dim: int, teacher: nn.Module, **trainable: nn.Module) -> Roles:
-    """A frozen teacher and trainable roles (generator=..., critic=...) on vectors of `dim` values."""
+class VelocityMLP(nn.Module):
+    def __init__(self, dim: int, width: int = 64):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                    nn.Linear(width, dim))
+
+    def forward(self, x, sigma):
+        sigma = sigma.to(x.dtype).expand(x.shape[0])
+        return self.layers(torch.cat([x, sigma[:, None]], 1))
+
+
+class GaussianMixtureDenoiser(nn.Module):
+    """Exact velocity of an isotropic Gaussian mixture Σ w_i N(m_i, s²I) under x_σ = (1−σ)x0 + σε:
+    x̂0 = Σ_i r_i(x)·(m_i + (1−σ)s²/v·(x − (1−σ)m_i)), v = (1−σ)²s² + σ², r_i the component posteriors."""
+
+    def __init__(self, means: torch.Tensor, std: float):
+        super().__init__()
+        self.register_buffer("means", means.double())
+        self.std = std
+
+    def posterior_mean(self, x, sigma):
+        alpha = (1 - sigma).reshape(-1, 1, 1)
+        var = alpha**2 * self.std**2 + sigma.reshape(-1, 1, 1) ** 2
+        offset = x.double()[:, None, :] - alpha * self.means[None]  # (B, modes, D)
+        responsibilities = torch.softmax(-(offset**2).sum(-1, keepdim=True) / (2 * var), dim=1)
+        component_means = self.means[None] + alpha * self.std**2 / var * offset
+        return (responsibilities * component_means).sum(1)
+
+    def log_density(self, x):
+        """log p(x) of the clean mixture (equal weights)."""
+        sq = ((x.double()[:, None, :] - self.means[None]) ** 2).sum(-1)
+        dim = self.means.shape[1]
+        log_components = -sq / (2 * self.std**2) - dim * math.log(self.std * math.sqrt(2 * math.pi))
+        return torch.logsumexp(log_components, 1) - math.log(len(self.means))
+
+    def forward(self, x, sigma):
+        sigma = sigma.double().expand(x.shape[0])
+        return ((x.double() - self.posterior_mean(x, sigma)) / sigma[:, None]).to(x.dtype)
+
+
+def vector_roles(dim: int, teacher: nn.Module, ema: dict[str, str] | None = None, **trainable: nn.Module) -> Roles:
+    """A frozen teacher and trainable roles (generator=..., critic=...) on vectors of `dim` values; `ema` adds
+    frozen EMA copies, {copy: role it follows} (e.g. {"surrogate_old": "surrogate"})."""
+    import copy
+
     adapter = VectorFlowAdapter(dim)
     roles = {"teacher": Role("teacher", adapter, teacher.requires_grad_(False))}
     roles.update({name: Role(name, adapter, net, trainable=True) for name, net in trainable.items()})
     specs = {"teacher": RoleSpec(), **{name: RoleSpec(trainable=True) for name in trainable}}
+    for name, source in (ema or {}).items():
+        roles[name] = Role(name, adapter, copy.deepcopy(trainable[source]).requires_grad_(False))
+        specs[name] = RoleSpec(ema_of=source)
     return Roles(adapter, roles, specs)

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from rlfew.algos.distribution_matching import (backward_simulation_input, critic_denoising_loss, dmd_direction,
                                                dmd_loss, dynadg_real_lora_scale, dynars_beta, dynars_fractions,
@@ -19,50 +18,10 @@ from rlfew.config import TrainConfig
 from rlfew.method import Batch, build_method
 from rlfew.models import Conditioning, Role, RoleSpec, add_noise, build_roles
 from rlfew.sampling import CPS, sample
-from rlfew.testing import VectorFlowAdapter, rollout_batch, vector_roles
+from rlfew.testing import GaussianMixtureDenoiser, VectorFlowAdapter, VelocityMLP, rollout_batch, vector_roles
 
 
 # ------------------------------------------------------------------------------------------ toy roles
-
-class VelocityMLP(nn.Module):
-    def __init__(self, dim: int, width: int = 64):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                    nn.Linear(width, dim))
-
-    def forward(self, x, sigma):
-        sigma = sigma.to(x.dtype).expand(x.shape[0])
-        return self.layers(torch.cat([x, sigma[:, None]], 1))
-
-
-class GaussianMixtureDenoiser(nn.Module):
-    """Exact velocity of an isotropic Gaussian mixture Σ w_i N(m_i, s²I) under x_σ = (1−σ)x0 + σε:
-    x̂0 = Σ_i r_i(x)·(m_i + (1−σ)s²/v·(x − (1−σ)m_i)), v = (1−σ)²s² + σ², r_i the component posteriors."""
-
-    def __init__(self, means: torch.Tensor, std: float):
-        super().__init__()
-        self.register_buffer("means", means.double())
-        self.std = std
-
-    def posterior_mean(self, x, sigma):
-        alpha = (1 - sigma).reshape(-1, 1, 1)
-        var = alpha**2 * self.std**2 + sigma.reshape(-1, 1, 1) ** 2
-        offset = x.double()[:, None, :] - alpha * self.means[None]  # (B, modes, D)
-        responsibilities = torch.softmax(-(offset**2).sum(-1, keepdim=True) / (2 * var), dim=1)
-        component_means = self.means[None] + alpha * self.std**2 / var * offset
-        return (responsibilities * component_means).sum(1)
-
-    def log_density(self, x):
-        """log p(x) of the clean mixture (equal weights)."""
-        sq = ((x.double()[:, None, :] - self.means[None]) ** 2).sum(-1)
-        dim = self.means.shape[1]
-        log_components = -sq / (2 * self.std**2) - dim * math.log(self.std * math.sqrt(2 * math.pi))
-        return torch.logsumexp(log_components, 1) - math.log(len(self.means))
-
-    def forward(self, x, sigma):
-        sigma = sigma.double().expand(x.shape[0])
-        return ((x.double() - self.posterior_mean(x, sigma)) / sigma[:, None]).to(x.dtype)
-
 
 def toy_dmd(generator_net, critic_net, teacher_net, lr=1e-3, **options) -> DMD:
     """DMD on 2-D vectors: an analytic or MLP teacher, MLP generator and critic, no CFG, no weight decay."""
