@@ -83,7 +83,8 @@ def sigma_to_fraction(adapter: FamilyAdapter, sigma: float, resolution: int | No
     low, high = 0.0, 1.0
     for _ in range(60):
         middle = 0.5 * (low + high)
-        if float(fraction_to_sigma(adapter, torch.tensor([middle]), resolution=resolution)[0]) < sigma:
+        fraction = torch.tensor([middle], dtype=torch.float64)
+        if float(fraction_to_sigma(adapter, fraction, resolution=resolution)[0]) < sigma:
             low = middle
         else:
             high = middle
@@ -301,7 +302,8 @@ class TDM(Method):
             self.fractions[low_sigma] = sigma_to_fraction(self.roles.adapter, low_sigma, self.resolution)
         start, end = tau_fraction_range(self.fractions[low_sigma], self.options.tau_margin)
         u = start + (end - start) * float(torch.rand((), generator=rng, device=rng.device, dtype=torch.float64))
-        return float(fraction_to_sigma(self.roles.adapter, torch.tensor([u]), resolution=self.resolution)[0])
+        fraction = torch.tensor([u], dtype=torch.float64)
+        return float(fraction_to_sigma(self.roles.adapter, fraction, resolution=self.resolution)[0])
 
     def group_noise(self, shape, group_ids: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         """One standard normal per group (DGPO's shared training noise), repeated over its samples."""
