@@ -6,7 +6,9 @@
 # parallel, one core each), checkpointed every EVERY iterations, and every checkpoint is evaluated with `rlfew eval`
 # at 4 steps on world:eval and on a prompt file drawn from the world grammar (scripts/draw_world_prompts.py), so
 # accuracy can be drawn against images scored; scripts/tdm_r1_evidence_table.py prints the table and draws the plot.
-# Usage: [SEEDS="0 1"] [EVERY=20] scripts/tdm_r1_evidence.sh [ITERATIONS] [OUT_DIR]  (defaults: 60, runs/tdm-evidence)
+# LONG=N adds TDM-R1 runs of N iterations (seed 0; checkpoints every 50) to see whether more images help.
+# Usage: [SEEDS="0 1"] [EVERY=20] [LONG=150] scripts/tdm_r1_evidence.sh [ITERATIONS] [OUT_DIR]
+#        (defaults: 60, runs/tdm-evidence)
 set -euo pipefail
 iterations=${1:-60}
 out=${2:-runs/tdm-evidence}
@@ -49,5 +51,8 @@ one_seed() {
 
 evaluate student --model world:student
 for seed in $seeds; do one_seed "$seed" & done
+if [[ -n "${LONG:-}" ]]; then
+  train "tdm_r1-long-s0" configs/world/tdm_r1.yaml run.seed=0 "train.steps=$LONG" train.save_every=50 &
+fi
 wait
 "$python" scripts/tdm_r1_evidence_table.py "$out"
