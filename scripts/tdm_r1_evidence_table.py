@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from grpo_evidence_table import train_reward  # scripts/ is on the path of a script run from it
 
 ROWS = [("student", "world:student (no training)"), ("tdm_r1", "TDM-R1 (λ = 0.3, surrogate on `world`)"),
         ("grpo-dmd", "GRPO + DMD (λ = 1)"), ("tdm", "TDM, λ = 1, no surrogate (control)"),
@@ -38,17 +39,6 @@ def images_per_iteration(folder: Path, key: str) -> int:
 def scores_images(folder: Path, key: str) -> bool:
     configs = sorted(folder.glob(f"{key}-s[0-9]/config.yaml"))
     return bool(yaml.safe_load(configs[0].read_text()).get("reward"))
-
-
-def train_reward(folder: Path, key: str) -> str:
-    """The `world` reward the run trained on, first logged iteration → mean of the last two logged, over seeds."""
-    firsts, lasts = [], []
-    for metrics in sorted(folder.glob(f"{key}-s[0-9]/metrics.jsonl")):
-        values = [r["reward/world"] for r in map(json.loads, metrics.read_text().splitlines()) if "reward/world" in r]
-        if values:
-            firsts.append(values[0])
-            lasts.append(np.mean(values[-2:]))
-    return f"{np.mean(firsts):.2f} → {np.mean(lasts):.2f}" if firsts else "–"
 
 
 def surrogate_auc(folder: Path, key: str) -> str:
