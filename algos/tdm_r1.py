@@ -28,6 +28,7 @@ bridge(x_n, σ_n → τ, ε) = a·x_n + b·ε with a = (1 − τ)/(1 − σ_n), 
         #   L_G = λ·[ℓ(Δ_KL, n_T) + ℓ(Δ_CFG, n_T)]                            otherwise
         backward L_F, L_Φ, L_G, each into its own role, weighted by the micro-batch's share / M
     step F, then Φ (then Φ_old ← d·Φ_old + (1 − d)·Φ, d = min(0.3, 0.001 + 0.001·n)), then G; each clipped alone
+    (the first critic_warmup iterations leave G out: no generator loss, no G step)
 Plain TDM (`--algo tdm`): no rewards, no surrogate, λ = 1: L_G = ℓ(Δ_KL, n_T) + ℓ(Δ_CFG, n_T), i.e. the marginal KL to
 the teacher with CFG w_T, on the generator's own deterministic trajectory.
 
@@ -49,6 +50,8 @@ Deviations from the official code (TDM_R1.md §4f lists its artifacts), each say
     (A = 0): they add nothing to the DGPO term but still to R̄ and the generator's KL, as in the official code.
   * R̄'s clip compares one batch mean with the threshold, as the official (reference_clip: batch); `sample` compares
     each sample's own gap.
+  * critic_warmup (off by default, not in the official code): F and Φ start as the teacher, so on a student
+    distilled elsewhere the first updates see Δ_KL ≈ 0 and only CFG-as-reward; a warm-up lets F learn the student first.
 Rollouts are strictly on-policy (runtime.max_staleness 0): x_k inherits the reward of the x_K that the generator
 which drew it reached.
 """
@@ -197,11 +200,14 @@ class TDMOptions:
     real_guidance: float | None = None  # w_T of Δ_CFG and the normaliser; None: teacher.guidance (official 4.5)
     critic_reference_weight: float = 0.02  # the critic's pull towards the teacher's velocity
     tau_margin: float = 0.02  # τ's fraction starts this far above the level it diffuses from
+    critic_warmup: int = 0  # first iterations that train the critic (and surrogate) only, the generator frozen
 
     def __post_init__(self):
         if self.sampler != "deterministic":
             raise ConfigError(f"algo.options.sampler: {self.sampler!r} is not allowed: {DETERMINISTIC_ONLY}; "
                               f"use deterministic")
+        if self.critic_warmup < 0:
+            raise ConfigError(f"algo.options.critic_warmup: must be >= 0 (iterations), got {self.critic_warmup}")
         if self.steps_per_rollout < 1:
             raise ConfigError(f"algo.options.steps_per_rollout: must be >= 1, got {self.steps_per_rollout}")
         for name in ("critic_reference_weight", "tau_margin"):
@@ -317,6 +323,7 @@ class TDM(Method):
         parts = batch.micro_batches()
         if self.uses_surrogate:
             check_whole_groups(trajectory.group_ids, parts, self.group_size)
+        train_generator = batch.step >= options.critic_warmup
         totals: dict[str, float] = {}
         auc_counts: dict[int, list[float]] = {}
 
@@ -332,7 +339,8 @@ class TDM(Method):
                 share = (part.stop - part.start) / size / options.steps_per_rollout
                 sigma, sigma_next = float(sigmas[j]), float(sigmas[j + 1])
                 x_j = trajectory.states[part, j]
-                prediction = self.roles["generator"].predict(x_j, sigma, part_cond)  # the only G call, with grad
+                with torch.set_grad_enabled(train_generator):  # the only G call, with grad when G trains
+                    prediction = self.roles["generator"].predict(x_j, sigma, part_cond)
                 x0 = prediction.x0
                 x_next = Deterministic().mean(prediction, x_j, sigma, sigma_next).detach()
                 tau = self.tau(sigma_next, batch.shared_rng)
@@ -350,15 +358,18 @@ class TDM(Method):
                     counts = auc_counts.setdefault(auc[0], [0.0, 0.0])
                     counts[0], counts[1] = counts[0] + auc[1], counts[1] + auc[2]
 
-                generator_loss, generator_terms = self.generator_loss(
-                    j, x0, x_next, sigma_next, fake_x0, teacher_x0, part_cond, uncond, trajectory.group_ids[part],
-                    batch)
-                backward(generator_loss * share, self.optimizers["generator"])
-                add(generator_terms, share)
+                if train_generator:
+                    generator_loss, generator_terms = self.generator_loss(
+                        j, x0, x_next, sigma_next, fake_x0, teacher_x0, part_cond, uncond, trajectory.group_ids[part],
+                        batch)
+                    backward(generator_loss * share, self.optimizers["generator"])
+                    add(generator_terms, share)
 
         metrics = dict(totals)
         skipped = False
-        for name in ["critic", "surrogate", "generator"] if self.uses_surrogate else ["critic", "generator"]:
+        stepped = ["critic", "surrogate"] if self.uses_surrogate else ["critic"]
+        metrics["updated/generator"] = 0.0
+        for name in stepped + ["generator"] if train_generator else stepped:
             metrics[f"grad_norm/{name}"], applied = self.optimizers[name].step()
             metrics[f"updated/{name}"] = float(applied)
             skipped = skipped or not applied

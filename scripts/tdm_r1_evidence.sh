@@ -2,7 +2,7 @@
 # Reproduces the TDM-R1 evidence table and plot in README.md ("TDM-R1 on the embedded world"): world:student and three
 # continuations of it with the same rollouts per iteration (8 prompts x 8 images) and the same iterations: TDM-R1
 # (configs/world/tdm_r1.yaml), GRPO + DMD (configs/world/grpo.yaml, λ = 1) and plain TDM (--algo tdm: TDM-R1 with
-# λ = 1 and no surrogate, the control; it scores no image). Each is trained with every seed in SEEDS (seeds in
+# λ = 1 and no surrogate, the control; it scores no image), and TDM-R1 with a 10-iteration critic warm-up. Each is trained with every seed in SEEDS (seeds in
 # parallel, one core each), checkpointed every EVERY iterations, and every checkpoint is evaluated with `rlfew eval`
 # at 4 steps on world:eval and on a prompt file drawn from the world grammar (scripts/draw_world_prompts.py), so
 # accuracy can be drawn against images scored; scripts/tdm_r1_evidence_table.py prints the table and draws the plot.
@@ -47,6 +47,8 @@ one_seed() {
   train "tdm-s$seed" configs/world/tdm_r1.yaml "run.seed=$seed" algo.name=tdm \
     "algo.options={steps_per_rollout: 2}" "reward=[]"
   train "grpo-dmd-s$seed" configs/world/grpo.yaml "run.seed=$seed" algo.options.reg_weight=1.0
+  # the critic warm-up lever: F learns the student for 10 iterations before the generator follows it
+  train "tdm_r1-warmup-s$seed" configs/world/tdm_r1.yaml "run.seed=$seed" algo.options.critic_warmup=10
 }
 
 evaluate student --model world:student

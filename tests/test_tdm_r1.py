@@ -457,6 +457,7 @@ def tdm_r1_config(tiny_config, *overrides):
     ("algo.options={reference_clip: mean}", "algo.options.reference_clip"),
     ("algo.options={real_guidance: 0.5}", "algo.options.real_guidance"),
     ("algo.options={reward_steps: -1}", "algo.options.reward_steps"),
+    ("algo.options={critic_warmup: -2}", "algo.options.critic_warmup"),
     ("roles={surrogate_old: {ema_of: surrogate, ema_decay: 0.9}}", "roles.surrogate_old.ema_decay"),
     ("train.group_size=1", "train.group_size"),
 ])
@@ -502,6 +503,19 @@ def test_one_iteration_updates_every_role_and_logs_what_a_user_needs(tiny_config
     for (name, value), before in zip(lagged._own_parameters()[1:2], old):
         source = surrogate[name.replace(".surrogate_old.", ".surrogate.")]
         torch.testing.assert_close(value, 0.001 * before + 0.999 * source, rtol=1e-6, atol=1e-9)
+
+
+def test_critic_warmup_leaves_the_generator_alone_for_its_iterations(tiny_config):
+    method = build_method(tdm_r1_config(tiny_config, "algo.options={critic_warmup: 1}"))
+    scores = {"jpeg": [0.1, 0.5, 0.2, 0.9, 0.3, 0.3, 0.8, 0.1]}
+    generator = [p.clone() for p in method.roles["generator"].trainable_parameters()]
+    critic = [p.clone() for p in method.roles["critic"].trainable_parameters()]
+    warm = method.train_step(rollout_batch(method, 0, PROMPTS, group_size=4, scores=scores)).metrics
+    assert warm["updated/generator"] == 0.0 and "loss/generator_kl" not in warm and warm["updated/critic"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(generator, method.roles["generator"].trainable_parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(critic, method.roles["critic"].trainable_parameters()))
+    after = method.train_step(rollout_batch(method, 1, PROMPTS, group_size=4, scores=scores)).metrics
+    assert after["updated/generator"] == 1.0 and "loss/generator_kl" in after
 
 
 def test_world_recipe_loads_and_validates():
