@@ -6,7 +6,8 @@
 # parallel, one core each), checkpointed every EVERY iterations, and every checkpoint is evaluated with `rlfew eval`
 # at 4 steps on world:eval and on a prompt file drawn from the world grammar (scripts/draw_world_prompts.py), so
 # accuracy can be drawn against images scored; scripts/tdm_r1_evidence_table.py prints the table and draws the plot.
-# LONG=N adds TDM-R1 runs of N iterations (seed 0; checkpoints every 50) to see whether more images help.
+# LONG=N adds runs of N iterations (checkpoints every 50) to see whether more images help: TDM-R1 with seeds 0 and 1,
+# GRPO + DMD with seed 0.
 # Usage: [SEEDS="0 1"] [EVERY=20] [LONG=150] scripts/tdm_r1_evidence.sh [ITERATIONS] [OUT_DIR]
 #        (defaults: 60, runs/tdm-evidence)
 set -euo pipefail
@@ -54,7 +55,11 @@ one_seed() {
 evaluate student --model world:student
 for seed in $seeds; do one_seed "$seed" & done
 if [[ -n "${LONG:-}" ]]; then
-  train "tdm_r1-long-s0" configs/world/tdm_r1.yaml run.seed=0 "train.steps=$LONG" train.save_every=50 &
+  for seed in 0 1; do
+    train "tdm_r1-long-s$seed" configs/world/tdm_r1.yaml "run.seed=$seed" "train.steps=$LONG" train.save_every=50 &
+  done
+  train "grpo-dmd-long-s0" configs/world/grpo.yaml run.seed=0 algo.options.reg_weight=1.0 "train.steps=$LONG" \
+    train.save_every=50 &
 fi
 wait
 "$python" scripts/tdm_r1_evidence_table.py "$out"

@@ -14,7 +14,8 @@ from grpo_evidence_table import train_reward  # scripts/ is on the path of a scr
 
 ROWS = [("student", "world:student (no training)"), ("tdm_r1", "TDM-R1 (λ = 0.3, surrogate on `world`)"),
         ("grpo-dmd", "GRPO + DMD (λ = 1)"), ("tdm", "TDM, λ = 1, no surrogate (control)"),
-        ("tdm_r1-warmup", "TDM-R1, critic warm-up 10 iterations"), ("tdm_r1-long", "TDM-R1, longer run (seed 0)")]
+        ("tdm_r1-warmup", "TDM-R1, critic warm-up 10 iterations"), ("tdm_r1-long", "TDM-R1, longer run"),
+        ("grpo-dmd-long", "GRPO + DMD, longer run")]
 CATEGORIES = ["single_object", "colour", "counting", "two_objects", "colour_binding", "position"]
 
 

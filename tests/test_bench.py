@@ -2,10 +2,13 @@
 against a number: speed targets live in the benchmarks, not in tests)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from rlfew.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_dmd_bench_reports_float32_trainables_that_move_under_a_bfloat16_model(tiny_pipeline_dir, tmp_path):
@@ -32,12 +35,13 @@ def test_runtime_bench_times_every_placement(tiny_pipeline_dir, tmp_path):
     assert all(r["median_step_seconds"] > 0 and r["startup_and_first_step_seconds"] > 0 for r in results.values())
 
 
-def test_grpo_bench_reports_images_per_second_and_efficiency(tmp_path):
-    """The world GRPO recipe, in-process: the iteration and the model calls alone are timed, efficiency is their
-    ratio (no number asserted: the target lives in the README's bench table)."""
+@pytest.mark.parametrize("recipe", ["configs/world/grpo.yaml", "configs/world/tdm_r1.yaml"])
+def test_grpo_bench_reports_images_per_second_and_efficiency(recipe, tmp_path):
+    """The world GRPO and TDM-R1 recipes, in-process: the iteration and the model calls alone are timed, efficiency is
+    their ratio (no number asserted: the target lives in the README's bench table)."""
     out = tmp_path / "grpo.json"
-    assert main(["bench", "grpo", "--modes", "inprocess", "--steps", "1", "--prompts-per-step", "2", "--group-size",
-                 "2", "--out", str(out)]) == 0
+    assert main(["bench", "grpo", "--recipe", str(REPO / recipe), "--modes", "inprocess", "--steps", "1",
+                 "--prompts-per-step", "2", "--group-size", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["model_calls_alone_seconds"]) == {"rollout", "reward", "update"}
     result = report["results"]["inprocess"]

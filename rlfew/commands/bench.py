@@ -59,10 +59,12 @@ def register_cli(subparsers) -> None:
     dmd.add_argument("--out", default="bench_dmd.json")
     dmd.set_defaults(func=run_dmd_bench)
 
-    grpo = bench.add_parser("grpo", help="GRPO iterations (rollout + scoring + update): images/s and efficiency, the "
-                            "time of the iteration's model calls timed alone over the iteration's time",
+    grpo = bench.add_parser("grpo", help="iterations of GRPO, or of any method trained on reward workers (TDM-R1: "
+                            "--recipe configs/world/tdm_r1.yaml), rollout + scoring + update: images/s and "
+                            "efficiency, the time of the iteration's model calls timed alone over the iteration's "
+                            "time",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    grpo.add_argument("--recipe", default="configs/world/grpo.yaml", help="a GRPO recipe")
+    grpo.add_argument("--recipe", default="configs/world/grpo.yaml", help="a recipe of a method trained on rewards")
     grpo.add_argument("--modes", default="inprocess,ray", help="comma-separated: inprocess, ray (colocated)")
     grpo.add_argument("--steps", type=int, default=5, help="timed iterations per mode (after 1 warm-up)")
     grpo.add_argument("--prompts-per-step", type=int, default=8)
