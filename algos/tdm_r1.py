@@ -51,7 +51,8 @@ Deviations from the official code (TDM_R1.md §4f lists its artifacts), each say
   * R̄'s clip compares one batch mean with the threshold, as the official (reference_clip: batch); `sample` compares
     each sample's own gap.
   * critic_warmup (off by default, not in the official code): F and Φ start as the teacher, so on a student
-    distilled elsewhere the first updates see Δ_KL ≈ 0 and only CFG-as-reward; a warm-up lets F learn the student first.
+    distilled elsewhere the first updates see Δ_KL ≈ 0 and only CFG-as-reward; a warm-up lets F learn the student first
+    (on the world, 10 iterations changed nothing measurable: README, "TDM-R1 on the embedded world").
 Rollouts are strictly on-policy (runtime.max_staleness 0): x_k inherits the reward of the x_K that the generator
 which drew it reached.
 """
