@@ -449,7 +449,8 @@ class TDMR1(TDM):
         super().__init__(roles, options, cfg, reward)
         surrogate = self.optimizers["surrogate"]
         surrogate.after_step = [callback for callback in surrogate.after_step if callback.args != ("surrogate_old",)]
-        surrogate.after_step.append(lambda: roles.update_ema("surrogate_old", decay=surrogate_old_decay(surrogate.steps)))
+        surrogate.after_step.append(
+            lambda: roles.update_ema("surrogate_old", decay=surrogate_old_decay(surrogate.steps)))
 
     def surrogate_loss(self, batch: Batch, part: slice, cond: Conditioning
                        ) -> tuple[torch.Tensor, dict[str, float], tuple[int, float, float]]:
@@ -483,7 +484,8 @@ class TDMR1(TDM):
         time_weight = (k + 1) / steps if options.surrogate_time_weight else 1.0
         loss = time_weight * (dgpo + options.reference_weight * reference_gap)
         agree, pairs = within_group_auc(-(d - d_ref).detach(), trajectory.rewards[part].double(), group_ids)
-        return loss, {"loss/surrogate_dgpo": float(dgpo.detach()), "surrogate/reference_gap": float(reference_gap.detach()),
+        return loss, {"loss/surrogate_dgpo": float(dgpo.detach()),
+                      "surrogate/reference_gap": float(reference_gap.detach()),
                       "surrogate/clip_ratio_fraction": float(ratio_clip.float().mean()),
                       "surrogate/clip_reference_fraction": float(reference_clip.float().mean()),
                       "surrogate/group_weight_mean": float(weights.mean())}, (k, agree, pairs)

@@ -70,7 +70,8 @@ def test_shift_inverse_and_tau_lower_bounds_of_the_official_sampler():
     for sigma in (0.0, 0.05, 0.3, 0.4997, 0.8996, 0.999):
         u = sigma_to_fraction(adapter, sigma)
         assert u == pytest.approx(sigma / (3 - 2 * sigma), abs=1e-12)  # S⁻¹(σ) = σ/(3 − 2σ)
-        assert float(fraction_to_sigma(adapter, torch.tensor([u], dtype=torch.float64))[0]) == pytest.approx(sigma, abs=1e-12)
+        back = float(fraction_to_sigma(adapter, torch.tensor([u], dtype=torch.float64))[0])
+        assert back == pytest.approx(sigma, abs=1e-12)
     method = toy_method(GaussianMixtureDenoiser(torch.zeros(1, 2), 0.5), VelocityMLP(2))
     method.roles.adapter.default_shift = 3.0
     rng = torch.Generator().manual_seed(0)
