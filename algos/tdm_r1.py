@@ -400,12 +400,17 @@ class TDM(Method):
                        teacher: tuple[torch.Tensor, torch.Tensor], cond: Conditioning, uncond: Conditioning,
                        group_ids: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """ℓ(Δ_KL, n_T) + ℓ(Δ_CFG, n_T): the marginal KL to the teacher with CFG w_T (plain TDM, λ = 1)."""
+        kl, cfg = self.tdm_terms(x0, fake_x0, teacher)
+        return kl + cfg, {"loss/generator_kl": float(kl.detach()), "loss/generator_cfg": float(cfg.detach())}
+
+    def tdm_terms(self, x0: torch.Tensor, fake_x0: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ℓ(Δ_KL, n_T), ℓ(Δ_CFG, n_T)) with Δ_KL = c − F, Δ_CFG = (w_T − 1)(c − u), n_T = mean|x̂0 − CFG_w_T(c, u)|."""
         teacher_c, teacher_u = teacher
         w = self.real_guidance
         normaliser = mean_abs(x0.detach() - (teacher_u + w * (teacher_c - teacher_u)))
-        kl = score_matching_term(x0, teacher_c - fake_x0, normaliser)
-        cfg = score_matching_term(x0, (w - 1) * (teacher_c - teacher_u), normaliser)
-        return kl + cfg, {"loss/generator_kl": float(kl.detach()), "loss/generator_cfg": float(cfg.detach())}
+        return (score_matching_term(x0, teacher_c - fake_x0, normaliser),
+                score_matching_term(x0, (w - 1) * (teacher_c - teacher_u), normaliser))
 
 
 def check_whole_groups(group_ids: torch.Tensor, parts: list[slice], group_size: int) -> None:
@@ -494,11 +499,7 @@ class TDMR1(TDM):
         """L_G with the surrogate reward: ℓ(Δ_KL) + λ·ℓ(Δ_CFG) + (1 − λ)·ℓ(Δ_R) on rewarded steps, λ·(ℓ_KL + ℓ_CFG)
         on the others."""
         options, lam = self.options, self.options.tdm_weight
-        teacher_c, teacher_u = teacher
-        w = self.real_guidance
-        normaliser = mean_abs(x0.detach() - (teacher_u + w * (teacher_c - teacher_u)))
-        kl = score_matching_term(x0, teacher_c - fake_x0, normaliser)
-        cfg = score_matching_term(x0, (w - 1) * (teacher_c - teacher_u), normaliser)
+        kl, cfg = self.tdm_terms(x0, fake_x0, teacher)
         rewarded = options.reward_steps is None or j < options.reward_steps
         if not rewarded:
             return lam * (kl + cfg), {"loss/generator_kl": lam * float(kl.detach()),
